@@ -1,0 +1,104 @@
+"""Exact parameter, MAC/FLOP and storage-byte counts from widths, masks and bits.
+
+`count(table, widths)` is a pure jnp function of a (possibly traced, batched)
+width vector: the RL environment and the budget solvers call it inside jit/vmap.
+`summarize(table, masks, quant)` adds element sparsity and storage bytes, per
+layer and in total, for reports.
+
+Conventions: a MAC is one multiply-accumulate of a conv or dense layer; FLOPs =
+2 * MACs (biases, BatchNorm and activations are not counted, as in the papers'
+tables). Parameters count weights, biases and BatchNorm scale and shift (not the
+running statistics). Bytes: weights at their bit width, everything else float32,
+plus one float32 scale per output channel of a quantized layer.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxcompress.models.table import ModelTable
+
+
+def _io(table: ModelTable, widths):
+    a = table.arrays()
+    w = jnp.asarray(widths, jnp.float32)
+    cin = jnp.where(a["in_group"] >= 0, w[np.maximum(a["in_group"], 0)] * a["in_repeat"], a["in_fixed"])
+    cout = jnp.where(a["out_group"] >= 0, w[np.maximum(a["out_group"], 0)], a["out_fixed"])
+    return a, w, cin, cout
+
+
+def layer_counts(table: ModelTable, widths=None) -> dict[str, jnp.ndarray]:
+    """Per-layer `weights`, `biases` and `macs` (arrays of length len(table.layers))."""
+    a, _, cin, cout = _io(table, table.widths if widths is None else widths)
+    weights = a["taps"] * cout * jnp.where(a["depthwise"], 1.0, cin)
+    return dict(weights=weights, biases=a["use_bias"] * cout, macs=weights * a["positions"])
+
+
+def count(table: ModelTable, widths=None) -> dict[str, jnp.ndarray]:
+    """Total `params`, `macs` and `flops` of the dense network with these widths."""
+    widths = table.widths if widths is None else widths
+    per_layer = layer_counts(table, widths)
+    w = jnp.asarray(widths, jnp.float32)
+    norm = 2.0 * w[table.arrays()["norm_group"]].sum() if table.norm_groups else 0.0
+    macs = per_layer["macs"].sum()
+    return dict(params=per_layer["weights"].sum() + per_layer["biases"].sum() + norm, macs=macs,
+                flops=2.0 * macs)
+
+
+def effective_widths(table: ModelTable, masks: Mapping | None) -> np.ndarray:
+    """Kept channels per group under `masks` (the widths surgery would produce)."""
+    if masks is None:
+        return np.asarray(table.widths, np.float32)
+    return np.asarray([float(np.sum(m)) for m in table.group_masks(masks)], np.float32)
+
+
+def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | None = None) -> dict:
+    """Python-number report: totals and one row per layer.
+
+    Element masks (`masks/<layer>/kernel`) reduce `nonzero_weights` (and MACs, as a
+    sparse kernel would) but not `weights`, the dense count after surgery.
+    """
+    widths = effective_widths(table, masks)
+    per_layer = {k: np.asarray(v) for k, v in layer_counts(table, widths).items()}
+    flat_masks = traverse_util.flatten_dict(dict(masks)) if masks is not None else {}
+    flat_quant = traverse_util.flatten_dict(dict(quant)) if quant is not None else {}
+    group_keep = [np.asarray(m) > 0 for m in table.group_masks(masks)] if masks is not None else None
+    rows, totals = [], dict(params=0.0, nonzero_params=0.0, macs=0.0, sparse_macs=0.0, bytes=0.0)
+    for i, layer in enumerate(table.layers):
+        key = tuple(layer.path.split("/"))
+        weights, biases = float(per_layer["weights"][i]), float(per_layer["biases"][i])
+        nonzero = weights
+        kernel_mask = flat_masks.get(key + ("kernel",))
+        if kernel_mask is not None:
+            keep = np.asarray(kernel_mask) > 0
+            if group_keep is not None and layer.out_group >= 0:
+                keep = keep & group_keep[layer.out_group]
+            if group_keep is not None and layer.in_group >= 0 and not layer.depthwise:
+                in_keep = np.tile(group_keep[layer.in_group], layer.in_repeat)
+                keep = keep & in_keep.reshape((-1, 1))
+            nonzero = float(keep.sum())
+        bits_w = float(flat_quant.get(key + ("bits_w",), 32.0))
+        cout = _cout(layer, widths)
+        n_bytes = nonzero * min(bits_w, 32.0) / 8 + 4 * biases + (4 * cout if bits_w < 32 else 0)
+        positions = layer.out_hw[0] * layer.out_hw[1]
+        rows.append(dict(layer=layer.path, kind=layer.kind, weights=weights, nonzero_weights=nonzero,
+                         biases=biases, macs=weights * positions, sparse_macs=nonzero * positions,
+                         bits_w=bits_w, bytes=n_bytes))
+        totals["params"] += weights + biases
+        totals["nonzero_params"] += nonzero + biases
+        totals["macs"] += weights * positions
+        totals["sparse_macs"] += nonzero * positions
+        totals["bytes"] += n_bytes
+    norm = sum(2.0 * widths[g] for _, g in table.norm_groups)
+    for k in ("params", "nonzero_params"):
+        totals[k] += norm
+    totals["bytes"] += 4 * norm
+    totals["flops"] = 2 * totals["macs"]
+    return dict(totals=totals, layers=rows, widths=[int(w) for w in widths])
+
+
+def _cout(layer, widths) -> float:
+    return float(widths[layer.out_group]) if layer.out_group >= 0 else float(layer.out_fixed)

@@ -1,0 +1,18 @@
+"""Masked and quantized Flax layers, and the pure functions underneath."""
+from jaxcompress.layers.functional import (
+    FULL_PRECISION_BITS,
+    apply_channel_mask,
+    apply_kernel_masks,
+    fake_quant_symmetric,
+    fake_quant_unsigned,
+    quantize_activation,
+    quantize_weight,
+    ste_round,
+)
+from jaxcompress.layers.modules import BatchNorm, Conv, Dense
+
+__all__ = [
+    "FULL_PRECISION_BITS", "apply_channel_mask", "apply_kernel_masks", "fake_quant_symmetric",
+    "fake_quant_unsigned", "quantize_activation", "quantize_weight", "ste_round",
+    "BatchNorm", "Conv", "Dense",
+]
