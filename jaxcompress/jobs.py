@@ -1,0 +1,22 @@
+"""Jobs by name: what `launch/main.py` runs for `config.job`."""
+from __future__ import annotations
+
+import os
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.train import evaluate, train_and_evaluate
+from jaxcompress.train.metrics import write_json
+
+JOBS = {
+    "train": train_and_evaluate,
+    "evaluate": evaluate,
+}
+
+
+def run(config, workdir: str) -> dict:
+    """Checks the job name, writes `<workdir>/config.json`, runs the job."""
+    if config.job not in JOBS:
+        raise ConfigError(f"unknown job '{config.job}'; set --config.job to one of {', '.join(sorted(JOBS))}")
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    return JOBS[config.job](config, workdir)

@@ -1,0 +1,143 @@
+"""The `train` and `evaluate` jobs (Flax-examples style: small named functions).
+
+`train_and_evaluate` resumes from the latest checkpoint in `<workdir>/checkpoints`
+(parameters, masks, quant, optimizer, step, RNG and the data iterator's position),
+so a killed run restarted with the same workdir ends with the same final metrics.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from jaxcompress import cost
+from jaxcompress.data import BatchIterator, iterate_eval, shard_batch
+from jaxcompress.train import steps as S
+from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
+from jaxcompress.train.experiment import Experiment, setup_experiment
+from jaxcompress.train.metrics import MetricWriter, write_json
+from jaxcompress.train.optim import make_optimizer
+from jaxcompress.train.state import TrainState, create_train_state
+
+
+def evaluate_split(eval_step, state: TrainState, x, y, batch_size: int, mesh) -> dict[str, float]:
+    """Accuracy and mean loss over every example of (x, y)."""
+    totals = None
+    for batch in iterate_eval(x, y, batch_size):
+        sums = eval_step(state, shard_batch(batch, S.batch_sharded(mesh)))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    return {"accuracy": float(totals["correct"]) / n, "loss": float(totals["loss"]) / n}
+
+
+def make_eval_fn(exp: Experiment, batch_size: int):
+    step = jax.jit(S.make_eval_step(exp.mean, exp.std),
+                   in_shardings=(S.replicated(exp.mesh), S.batch_sharded(exp.mesh)),
+                   out_shardings=S.replicated(exp.mesh))
+    return lambda state, split: evaluate_split(step, state, *split, batch_size, exp.mesh)
+
+
+def cost_report(exp: Experiment, state: TrainState) -> dict:
+    return cost.summarize(exp.table, state.masks or None, state.quant or None)
+
+
+def _summary(config, exp, state, wall_start, **extra) -> dict:
+    report = cost_report(exp, state)
+    return dict(job=config.job, model=config.model.name, dataset=config.data.name,
+                num_classes=exp.num_classes, steps=int(jax.device_get(state.step)),
+                params=report["totals"]["params"], nonzero_params=report["totals"]["nonzero_params"],
+                macs=report["totals"]["macs"], flops=report["totals"]["flops"], bytes=report["totals"]["bytes"],
+                widths=report["widths"], devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+                wall_time_s=time.time() - wall_start, **extra)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config.model` on `config.data`; returns (and writes) summary.json."""
+    wall_start = time.time()
+    exp = setup_experiment(config)
+    tcfg = config.train
+    it = BatchIterator(*exp.train, batch_size=tcfg.batch_size, seed=config.seed)
+    spe = it.steps_per_epoch
+    total_steps = tcfg.num_epochs * spe
+    state = create_train_state(exp.model, make_optimizer(tcfg, spe), exp.input_shape, config.seed)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
+    best_ckpt = Checkpointer(os.path.join(workdir, "best"), 1)
+    meta = {"iterator": it.get_state(), "best_val_accuracy": -1.0}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        it.set_state(meta["iterator"])
+        logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    state = jax.device_put(state, S.replicated(exp.mesh))
+    train_step = S.jit_data_parallel(S.make_train_step(exp.mean, exp.std, config.data.augment,
+                                                       tcfg.label_smoothing), exp.mesh)
+    evaluate = make_eval_fn(exp, tcfg.eval_batch_size)
+    writer = MetricWriter(workdir)
+    step = int(jax.device_get(state.step))
+    every = config.checkpoint.every_steps
+    train_time = 0.0
+    while step < total_steps:
+        epoch = step // spe
+        epoch_start, sums, n = time.time(), None, 0
+        with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
+                  disable=None, leave=False) as bar:
+            while step < (epoch + 1) * spe:
+                state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)))
+                sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+                step, n = step + 1, n + 1
+                bar.update()
+                if every and step % every == 0 and step % spe:
+                    ckpt.save(state, {**meta, "iterator": it.get_state()})
+        train_metrics = {k: float(v) / n for k, v in jax.device_get(sums).items()}
+        train_time += time.time() - epoch_start
+        val = evaluate(state, exp.val)
+        meta = {**meta, "iterator": it.get_state()}
+        if val["accuracy"] > meta["best_val_accuracy"]:
+            meta["best_val_accuracy"] = val["accuracy"]
+            best_ckpt.save(state, meta)
+        ckpt.save(state, meta)
+        writer.write(step, epoch=epoch + 1, train=train_metrics, val=val, epoch_time_s=time.time() - epoch_start)
+        logging.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)", epoch + 1,
+                     tcfg.num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
+                     val["accuracy"], time.time() - epoch_start)
+    ckpt.close()
+    best_ckpt.close()
+    test, val = evaluate(state, exp.test), evaluate(state, exp.val)
+    summary = _summary(config, exp, state, wall_start, test_accuracy=test["accuracy"], test_loss=test["loss"],
+                       val_accuracy=val["accuracy"], best_val_accuracy=meta["best_val_accuracy"],
+                       epochs=tcfg.num_epochs, train_time_s=train_time)
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def restore_for_eval(config, exp: Experiment, workdir: str) -> TrainState:
+    """Restores the checkpoint named by `config.eval.checkpoint` ('best', 'last' or a path)."""
+    template = create_train_state(exp.model, make_optimizer(config.train, 1), exp.input_shape, config.seed)
+    which = config.eval.checkpoint
+    directory = {"best": os.path.join(workdir, "best"),
+                 "last": os.path.join(workdir, "checkpoints")}.get(which, which)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist; run the train job with this "
+                              f"--workdir first or set --config.eval.checkpoint to a checkpoint directory")
+    ckpt = Checkpointer(directory)
+    state, _ = ckpt.restore(template)
+    ckpt.close()
+    return state
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Evaluates a trained checkpoint on the validation and test splits."""
+    wall_start = time.time()
+    exp = setup_experiment(config)
+    state = jax.device_put(restore_for_eval(config, exp, workdir), S.replicated(exp.mesh))
+    evaluate_fn = make_eval_fn(exp, config.train.eval_batch_size)
+    test, val = evaluate_fn(state, exp.test), evaluate_fn(state, exp.val)
+    summary = _summary(config, exp, state, wall_start, test_accuracy=test["accuracy"], test_loss=test["loss"],
+                       val_accuracy=val["accuracy"], checkpoint=config.eval.checkpoint)
+    write_json(os.path.join(workdir, "eval_summary.json"), summary)
+    return summary

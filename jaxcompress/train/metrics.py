@@ -1,0 +1,47 @@
+"""Run outputs in the workdir: metrics.jsonl, config.json, summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        x = np.asarray(x)
+        return x.item() if x.ndim == 0 else x.tolist()
+    return x
+
+
+def write_json(path: str, obj) -> None:
+    """Writes atomically (tmp + rename) so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_plain(obj), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class MetricWriter:
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, step: int, **metrics) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "time": time.time(), **_plain(metrics)}) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
