@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import os
 
+from jaxcompress.bench import overhead
 from jaxcompress.errors import ConfigError
+from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.train import evaluate, train_and_evaluate
 from jaxcompress.train.metrics import write_json
 
 JOBS = {
     "train": train_and_evaluate,
     "evaluate": evaluate,
+    "prune": prune_and_finetune,
+    "bench_overhead": overhead.run,
 }
 
 

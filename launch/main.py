@@ -60,7 +60,8 @@ def main(argv):
     except (ConfigError, DataError, UnknownModelError, CheckpointError) as e:
         fail(str(e))
     logging.info("summary: %s", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
-    print(f"done: {_WORKDIR.value}/summary.json  test_accuracy={summary.get('test_accuracy', float('nan')):.4f}")
+    headline = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float) and "accuracy" in k}
+    print(f"done: {_WORKDIR.value}/summary.json {headline}")
 
 
 if __name__ == "__main__":

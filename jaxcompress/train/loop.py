@@ -57,15 +57,19 @@ def _summary(config, exp, state, wall_start, **extra) -> dict:
                 wall_time_s=time.time() - wall_start, **extra)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains `config.model` on `config.data`; returns (and writes) summary.json."""
-    wall_start = time.time()
-    exp = setup_experiment(config)
+def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: int | None = None
+        ) -> tuple[TrainState, dict]:
+    """Trains `state` on `exp.train` for `num_epochs` (default `config.train.num_epochs`).
+
+    Checkpoints go to `<workdir>/checkpoints` (latest, resumed from if present) and
+    `<workdir>/best` (best validation accuracy); metrics to `<workdir>/metrics.jsonl`.
+    `state.tx` must already be the optimizer for this run. Returns the final state and
+    `{"best_val_accuracy", "train_time_s"}`.
+    """
     tcfg = config.train
+    num_epochs = tcfg.num_epochs if num_epochs is None else num_epochs
     it = BatchIterator(*exp.train, batch_size=tcfg.batch_size, seed=config.seed)
     spe = it.steps_per_epoch
-    total_steps = tcfg.num_epochs * spe
-    state = create_train_state(exp.model, make_optimizer(tcfg, spe), exp.input_shape, config.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
     best_ckpt = Checkpointer(os.path.join(workdir, "best"), 1)
     meta = {"iterator": it.get_state(), "best_val_accuracy": -1.0}
@@ -73,7 +77,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, meta = ckpt.restore(state)
         it.set_state(meta["iterator"])
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    state = jax.device_put(state, S.replicated(exp.mesh))
+    # The jitted step donates the state: copy it so arrays the caller still holds (or
+    # that alias other states' leaves, e.g. after surgery) are never invalidated.
+    state = jax.device_put(state, S.replicated(exp.mesh), may_alias=False)
     train_step = S.jit_data_parallel(S.make_train_step(exp.mean, exp.std, config.data.augment,
                                                        tcfg.label_smoothing), exp.mesh)
     evaluate = make_eval_fn(exp, tcfg.eval_batch_size)
@@ -81,10 +87,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = int(jax.device_get(state.step))
     every = config.checkpoint.every_steps
     train_time = 0.0
-    while step < total_steps:
+    while step < num_epochs * spe:
         epoch = step // spe
         epoch_start, sums, n = time.time(), None, 0
-        with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
+        with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{num_epochs}",
                   disable=None, leave=False) as bar:
             while step < (epoch + 1) * spe:
                 state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)))
@@ -103,31 +109,55 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save(state, meta)
         writer.write(step, epoch=epoch + 1, train=train_metrics, val=val, epoch_time_s=time.time() - epoch_start)
         logging.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)", epoch + 1,
-                     tcfg.num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
+                     num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
                      val["accuracy"], time.time() - epoch_start)
     ckpt.close()
     best_ckpt.close()
+    return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time}
+
+
+def steps_per_epoch(config, exp: Experiment) -> int:
+    return len(exp.train[0]) // config.train.batch_size
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config.model` on `config.data`; returns (and writes) summary.json."""
+    wall_start = time.time()
+    exp = setup_experiment(config)
+    tx = make_optimizer(config.train, steps_per_epoch(config, exp))
+    state = create_train_state(exp.model, tx, exp.input_shape, config.seed)
+    state, info = fit(config, exp, state, workdir)
+    evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     test, val = evaluate(state, exp.test), evaluate(state, exp.val)
     summary = _summary(config, exp, state, wall_start, test_accuracy=test["accuracy"], test_loss=test["loss"],
-                       val_accuracy=val["accuracy"], best_val_accuracy=meta["best_val_accuracy"],
-                       epochs=tcfg.num_epochs, train_time_s=train_time)
+                       val_accuracy=val["accuracy"], epochs=config.train.num_epochs, **info)
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
+def load_trained(config, exp: Experiment, directory: str) -> TrainState:
+    """Restores the latest TrainState in `directory` (a `checkpoints/` or `best/` folder,
+    or a run's workdir, in which case its `best/` checkpoint is used)."""
+    if os.path.isdir(os.path.join(directory, "best")):
+        directory = os.path.join(directory, "best")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist; train first (job 'train' with "
+                              f"that --workdir) or point the config at an existing checkpoint directory")
+    template = create_train_state(exp.model, make_optimizer(config.train, 1), exp.input_shape, config.seed)
+    ckpt = Checkpointer(directory)
+    try:
+        state, _ = ckpt.restore(template)
+    finally:
+        ckpt.close()
+    return state
+
+
 def restore_for_eval(config, exp: Experiment, workdir: str) -> TrainState:
     """Restores the checkpoint named by `config.eval.checkpoint` ('best', 'last' or a path)."""
-    template = create_train_state(exp.model, make_optimizer(config.train, 1), exp.input_shape, config.seed)
     which = config.eval.checkpoint
     directory = {"best": os.path.join(workdir, "best"),
                  "last": os.path.join(workdir, "checkpoints")}.get(which, which)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory} does not exist; run the train job with this "
-                              f"--workdir first or set --config.eval.checkpoint to a checkpoint directory")
-    ckpt = Checkpointer(directory)
-    state, _ = ckpt.restore(template)
-    ckpt.close()
-    return state
+    return load_trained(config, exp, directory)
 
 
 def evaluate(config, workdir: str) -> dict:

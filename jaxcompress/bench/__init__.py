@@ -1,0 +1,1 @@
+"""Benchmark jobs: run through launch.main with configs under configs/bench/."""

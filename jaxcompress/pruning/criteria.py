@@ -1,0 +1,170 @@
+"""Pruning criteria: channel and element importance scores, and keep counts.
+
+Every criterion scores whole *channel groups* (see `jaxcompress.models.table`):
+the score of a channel sums over every layer that produces it, so residual
+streams, depthwise convs and BatchNorms are pruned consistently by construction.
+
+* `l1` / `l2`: norm of each output channel's kernel slice (Li et al. 2017; the
+  two-stage paper's "weight magnitude" baseline).
+* `bn`: |gamma| of the BatchNorms in the group (network slimming, Liu et al. 2017);
+  groups without BatchNorm fall back to `l1`.
+* `snip`: connection sensitivity |g * w| on a batch (Lee et al. 2019), summed per
+  output channel; at initialisation or from a trained network.
+* `random`: uniform scores (the random-pruning baseline).
+LASSO channel selection lives in `lasso.py`, variational pruning in `variational.py`.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.models.table import ModelTable
+
+CHANNEL_CRITERIA = ("l1", "l2", "bn", "snip", "random")
+SCOPES = ("all", "inner")
+
+
+def _kernel(params_flat, path: str):
+    return params_flat[tuple(path.split("/")) + ("kernel",)]
+
+
+def _per_channel(x, order: int):
+    axes = tuple(range(x.ndim - 1))
+    return jnp.sum(jnp.abs(x), axes) if order == 1 else jnp.sqrt(jnp.sum(x * x, axes))
+
+
+def snip_saliency(apply_fn, variables: Mapping, images, labels):
+    """|dL/dw * w| for every parameter on one batch (Lee et al. 2019, Eq. 6)."""
+    def loss(params):
+        logits = apply_fn({**variables, "params": params}, images, train=False)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+    grads = jax.grad(loss)(variables["params"])
+    return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, variables["params"])
+
+
+def channel_scores(table: ModelTable, variables: Mapping, criterion: str, *, batch=None,
+                   seed: int = 0) -> list[np.ndarray]:
+    """One importance score per channel of every group (higher = keep).
+
+    `batch` = (images, labels), normalised float images, is needed by `snip`.
+    """
+    if criterion not in CHANNEL_CRITERIA:
+        raise ConfigError(f"unknown pruning criterion '{criterion}'; choose one of "
+                          f"{', '.join(CHANNEL_CRITERIA + ('lasso', 'variational'))}")
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return [rng.random(w) for w in table.widths]
+    params = variables["params"]
+    if criterion == "snip":
+        if batch is None:
+            raise ConfigError("the snip criterion needs a batch of (images, labels)")
+        params = snip_saliency(table.model.apply, variables, *batch)
+    flat = traverse_util.flatten_dict(dict(params))
+    scores = [np.zeros(w, np.float64) for w in table.widths]
+    if criterion == "bn":
+        for path, g in table.norm_groups:
+            scores[g] += np.abs(np.asarray(flat[tuple(path.split("/")) + ("scale",)]))
+    order = 2 if criterion == "l2" else 1
+    for layer in table.layers:
+        g = layer.out_group
+        if g < 0 or (criterion == "bn" and np.any(scores[g])):
+            continue
+        scores[g] += np.asarray(_per_channel(_kernel(flat, layer.path), order))
+    return scores
+
+
+def prunable_groups(table: ModelTable, scope: str = "all") -> list[int]:
+    """`all` groups, or `inner` ones: produced by a single layer (residual streams,
+    which several layers add into, are left whole)."""
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown prune scope '{scope}'; choose one of {', '.join(SCOPES)}")
+    producers = [0] * table.num_groups
+    for layer in table.layers:
+        if layer.out_group >= 0 and not layer.depthwise:
+            producers[layer.out_group] += 1
+    return [g for g in range(table.num_groups) if scope == "all" or producers[g] == 1]
+
+
+def keep_counts(table: ModelTable, keep_ratio: float | Mapping[str, float], groups: Sequence[int] | None = None,
+                multiple: int = 1) -> list[int]:
+    """Channels to keep per group: round(width * ratio) to a multiple of `multiple`.
+
+    `keep_ratio` is one fraction in (0, 1] for every group in `groups` (default all)
+    or a {group name: fraction} dict; groups not named keep every channel.
+    """
+    names = table.group_names
+    groups = range(table.num_groups) if groups is None else groups
+    if isinstance(keep_ratio, Mapping):
+        unknown = sorted(set(keep_ratio) - set(names))
+        if unknown:
+            raise ConfigError(f"keep ratios name unknown groups {unknown}; groups are: {', '.join(names)}")
+        ratios = {names.index(k): float(v) for k, v in keep_ratio.items()}
+    else:
+        ratios = {g: float(keep_ratio) for g in groups}
+    if multiple < 1:
+        raise ConfigError(f"channel multiple must be >= 1, got {multiple}")
+    counts = list(table.widths)
+    for g, r in ratios.items():
+        if not 0.0 < r <= 1.0:
+            raise ConfigError(f"keep ratio {r:g} for group {names[g]} is outside (0, 1]")
+        w = table.widths[g]
+        k = min(w, int(round(w * r / multiple)) * multiple)
+        if k < 1:
+            raise ConfigError(f"keep ratio {r:g} would remove every channel of group {names[g]} "
+                              f"(width {w}, multiple {multiple}); raise the ratio")
+        counts[g] = k
+    return counts
+
+
+def masks_from_scores(scores: Sequence[np.ndarray], counts: Sequence[int]) -> list[jnp.ndarray]:
+    """Keeps the `counts[g]` highest-scoring channels of every group (ties: lower index)."""
+    masks = []
+    for s, k in zip(scores, counts):
+        order = np.argsort(-np.asarray(s), kind="stable")
+        m = np.zeros(len(s), np.float32)
+        m[order[:k]] = 1.0
+        masks.append(jnp.asarray(m))
+    return masks
+
+
+def global_counts(table: ModelTable, scores: Sequence[np.ndarray], keep_ratio: float,
+                  groups: Sequence[int] | None = None) -> list[int]:
+    """Global allocation: one threshold over every group's scores, each normalised by
+    its group's mean, keeping `keep_ratio` of all prunable channels (>= 1 per group)."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ConfigError(f"keep ratio {keep_ratio:g} is outside (0, 1]")
+    groups = list(range(table.num_groups)) if groups is None else list(groups)
+    normed = np.concatenate([np.asarray(scores[g]) / (np.mean(scores[g]) + 1e-12) for g in groups])
+    owner = np.concatenate([np.full(table.widths[g], g) for g in groups])
+    keep = np.argsort(-normed, kind="stable")[:max(len(groups), int(round(keep_ratio * normed.size)))]
+    counts = list(table.widths)
+    for g in groups:
+        counts[g] = max(1, int(np.sum(owner[keep] == g)))
+    return counts
+
+
+def element_masks(table: ModelTable, variables: Mapping, rate: float | Mapping[str, float],
+                  masks: Mapping | None = None) -> dict:
+    """Adds magnitude element masks (`masks/<layer>/kernel`) pruning `rate` of each
+    layer's weights (per layer: one rate, or a {layer path: rate} dict)."""
+    flat = traverse_util.flatten_dict(dict(variables["params"]))
+    out = traverse_util.flatten_dict(dict(masks or {}))
+    paths = [l.path for l in table.layers]
+    rates = dict(rate) if isinstance(rate, Mapping) else {p: float(rate) for p in paths}
+    unknown = sorted(set(rates) - set(paths))
+    if unknown:
+        raise ConfigError(f"element rates name unknown layers {unknown}; layers are: {', '.join(paths)}")
+    for path, r in rates.items():
+        if not 0.0 <= r < 1.0:
+            raise ConfigError(f"element pruning rate {r:g} for layer {path} is outside [0, 1)")
+        w = np.abs(np.asarray(_kernel(flat, path)))
+        k = int(round(r * w.size))
+        m = np.ones(w.size, np.float32)
+        m[np.argsort(w.reshape(-1), kind="stable")[:k]] = 0.0
+        out[tuple(path.split("/")) + ("kernel",)] = jnp.asarray(m.reshape(w.shape))
+    return traverse_util.unflatten_dict(out)

@@ -1,0 +1,144 @@
+"""The `prune` job: trained network -> criterion -> masks -> surgery -> fine-tune.
+
+Writes `summary.json` (accuracy of the dense, masked and fine-tuned pruned network;
+params, FLOPs, bytes; widths per group; measured CPU/GPU latency of the dense,
+masked-but-not-shrunk and shrunk networks; wall time) and `widths.png`.
+An interrupted fine-tune resumes from `<workdir>/finetune/checkpoints`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxcompress import cost
+from jaxcompress.bench.timing import forward_latencies
+from jaxcompress.data import normalize
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import describe
+from jaxcompress.pruning import criteria as C
+from jaxcompress.pruning.surgery import shrink
+from jaxcompress.report import plot_layer_bars
+from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
+from jaxcompress.train.loop import fit, load_trained, make_eval_fn, steps_per_epoch, train_and_evaluate
+from jaxcompress.train.metrics import write_json
+
+CRITERIA = C.CHANNEL_CRITERIA + ("lasso", "variational")
+
+
+def check_prune_config(cfg) -> None:
+    if cfg.criterion not in CRITERIA:
+        raise ConfigError(f"unknown prune.criterion '{cfg.criterion}'; choose one of {', '.join(CRITERIA)}")
+    if cfg.allocation not in ("uniform", "global"):
+        raise ConfigError(f"unknown prune.allocation '{cfg.allocation}'; choose uniform or global")
+    if not 0.0 < cfg.keep_ratio <= 1.0:
+        raise ConfigError(f"prune.keep_ratio={cfg.keep_ratio:g} is outside (0, 1]")
+
+
+def sample_batch(exp, size: int, seed: int):
+    """A normalised (images, labels) sample of the training split (for SNIP, LASSO)."""
+    idx = np.random.default_rng(seed).choice(len(exp.train[0]), min(size, len(exp.train[0])), replace=False)
+    return np.asarray(normalize(exp.train[0][idx], exp.mean, exp.std)), exp.train[1][idx].astype(np.int32)
+
+
+def pruning_masks(config, exp, variables) -> tuple[dict, dict]:
+    """Masks (and possibly updated params) for `variables` under `config.prune`."""
+    p = config.prune
+    table = exp.table
+    groups = C.prunable_groups(table, p.scope)
+    ratios = dict(p.keep_ratios) if p.keep_ratios else p.keep_ratio
+    params = variables["params"]
+    if p.criterion == "lasso":
+        from jaxcompress.pruning.lasso import lasso_prune
+        counts = C.keep_counts(table, ratios, groups, p.multiple)
+        images, _ = sample_batch(exp, p.sample_size, config.seed)
+        group_masks, new_vars = lasso_prune(table, variables, images, counts, groups=groups, seed=config.seed)
+        params = new_vars["params"]
+        masks = table.layer_masks(group_masks, variables["masks"])
+    elif p.criterion == "variational":
+        from jaxcompress.pruning.variational import variational_prune
+        masks, params = variational_prune(config, exp, variables, groups)
+    else:
+        batch = sample_batch(exp, p.sample_size, config.seed) if p.criterion == "snip" else None
+        scores = C.channel_scores(table, variables, p.criterion, batch=batch, seed=config.seed)
+        if p.allocation == "global" and not p.keep_ratios:
+            counts = C.global_counts(table, scores, p.keep_ratio, groups)
+        else:
+            counts = C.keep_counts(table, ratios, groups, p.multiple)
+        masks = table.layer_masks(C.masks_from_scores(scores, counts), variables["masks"])
+    if p.element_rate:
+        rate = dict(p.element_rate) if not isinstance(p.element_rate, (int, float)) else p.element_rate
+        masks = C.element_masks(table, {"params": params}, rate, masks)
+    return masks, params
+
+
+def prune_and_finetune(config, workdir: str) -> dict:
+    wall_start = time.time()
+    check_prune_config(config.prune)
+    exp = setup_experiment(config)
+    p = config.prune
+    if p.checkpoint:
+        state = load_trained(config, exp, p.checkpoint)
+    else:
+        pre_dir = os.path.join(workdir, "pretrain")
+        logging.info("no prune.checkpoint given: training the reference network into %s", pre_dir)
+        train_and_evaluate(config, pre_dir)
+        state = load_trained(config, exp, pre_dir)
+    evaluate = make_eval_fn(exp, config.train.eval_batch_size)
+    dense = evaluate(state, exp.test)
+    prune_start = time.time()
+    masks, params = pruning_masks(config, exp, state.variables())
+    state = state.replace(params=params, masks=masks)
+    prune_time = time.time() - prune_start
+    masked = evaluate(state, exp.test)
+    dense_cost = cost.summarize(exp.table)
+    pruned_cost = cost.summarize(exp.table, masks, state.quant or None)
+
+    small_model, small_vars = shrink(exp.table, state.variables())
+    small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
+    ft = config.copy_and_resolve_references()
+    ft.train.num_epochs = p.finetune_epochs
+    ft.train.learning_rate = p.finetune_learning_rate
+    tx = make_optimizer(ft.train, steps_per_epoch(ft, small_exp))
+    small_state = create_train_state(small_model, tx, exp.input_shape, config.seed, variables=small_vars)
+    if p.finetune_epochs > 0:
+        small_state, _ = fit(ft, small_exp, small_state, os.path.join(workdir, "finetune"))
+    small_eval = make_eval_fn(small_exp, config.train.eval_batch_size)
+    final, final_val = small_eval(small_state, small_exp.test), small_eval(small_state, small_exp.val)
+
+    nets = {"dense": (exp.model, {k: v for k, v in state.variables().items() if k != "masks"}),
+            "masked": (exp.model, state.variables()),
+            "shrunk": (small_model, {k: v for k, v in small_state.variables().items() if k != "masks"})}
+    latency = forward_latencies(nets, exp.input_shape, p.latency_batch) if p.latency_batch else {}
+
+    names = exp.table.group_names
+    plot_layer_bars(os.path.join(workdir, "widths.png"), names,
+                    {"dense": exp.table.widths, "pruned": pruned_cost["widths"]}, "channels",
+                    f"{config.model.name}: {p.criterion} pruning, kept channels per group")
+    summary = dict(
+        job=config.job, model=config.model.name, dataset=config.data.name, criterion=p.criterion,
+        keep_ratio=p.keep_ratio, element_rate=p.element_rate,
+        accuracy_dense=dense["accuracy"], accuracy_masked=masked["accuracy"], accuracy_pruned=final["accuracy"],
+        val_accuracy_pruned=final_val["accuracy"],
+        params_dense=dense_cost["totals"]["params"], params_pruned=pruned_cost["totals"]["nonzero_params"],
+        params_pruned_structural=pruned_cost["totals"]["params"],
+        flops_dense=dense_cost["totals"]["flops"], flops_pruned=2 * pruned_cost["totals"]["sparse_macs"],
+        flops_pruned_structural=pruned_cost["totals"]["flops"],
+        bytes_dense=dense_cost["totals"]["bytes"], bytes_pruned=pruned_cost["totals"]["bytes"],
+        widths_dense=list(exp.table.widths), widths_pruned=pruned_cost["widths"], groups=list(names),
+        latency_s={k: v for k, v in latency.items()}, latency_batch=p.latency_batch,
+        speedup_shrunk=latency["dense"] / latency["shrunk"] if latency else None,
+        speedup_masked=latency["dense"] / latency["masked"] if latency else None,
+        prune_time_s=prune_time, wall_time_s=time.time() - wall_start,
+        device_kind=jax.devices()[0].device_kind)
+    summary["params_removed"] = 1.0 - summary["params_pruned"] / summary["params_dense"]
+    summary["flops_left"] = summary["flops_pruned"] / summary["flops_dense"]
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    logging.info("pruned %s: acc %.4f -> %.4f (masked %.4f), params removed %.1f%%, FLOPs left %.1f%%",
+                 config.model.name, dense["accuracy"], final["accuracy"], masked["accuracy"],
+                 100 * summary["params_removed"], 100 * summary["flops_left"])
+    return summary
