@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
         allocation="uniform",  # uniform | global (one threshold over normalised scores)
         scope="inner",  # inner: leave residual streams whole | all
         multiple=1,  # kept channel counts rounded to a multiple of this
-        element_rate=0.0,  # then magnitude-prune this fraction of each layer's remaining weights
+        element_rate=0.0, element_rates={},  # then magnitude-prune this fraction of each layer's weights
+        # (element_rates: {layer path: fraction} overrides)
         sample_size=256,  # training images for snip / lasso
         finetune_epochs=5, finetune_learning_rate=0.01, latency_batch=128))
 

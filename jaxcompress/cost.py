@@ -8,8 +8,10 @@ layer and in total, for reports.
 Conventions: a MAC is one multiply-accumulate of a conv or dense layer; FLOPs =
 2 * MACs (biases, BatchNorm and activations are not counted, as in the papers'
 tables). Parameters count weights, biases and BatchNorm scale and shift (not the
-running statistics). Bytes: weights at their bit width, everything else float32,
-plus one float32 scale per output channel of a quantized layer.
+running statistics). Bytes are exact: what `jaxcompress.quant.export` writes
+(bit-packed weights at their bit width, scales or codebooks, Deep-Compression CSR
+relative indices for element-pruned layers, float32 biases, folded BatchNorm and
+activation ranges; see `jaxcompress.quant.size`).
 """
 from __future__ import annotations
 
@@ -52,20 +54,25 @@ def effective_widths(table: ModelTable, masks: Mapping | None) -> np.ndarray:
     """Kept channels per group under `masks` (the widths surgery would produce)."""
     if masks is None:
         return np.asarray(table.widths, np.float32)
-    return np.asarray([float(np.sum(m)) for m in table.group_masks(masks)], np.float32)
+    return np.asarray([np.asarray(m).sum() for m in table.group_masks(masks)], np.float32)
 
 
-def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | None = None) -> dict:
+def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | None = None, *,
+              quantizer=None, index_bits: Mapping[str, int] | None = None) -> dict:
     """Python-number report: totals and one row per layer.
 
     Element masks (`masks/<layer>/kernel`) reduce `nonzero_weights` (and MACs, as a
     sparse kernel would) but not `weights`, the dense count after surgery.
+    `quantizer` (a `jaxcompress.quant.WeightQuantizer`, default symmetric per channel:
+    the layers' own) and `index_bits` ({"conv": 8, "dense": 5} by default) fix the
+    storage format that `bytes` counts exactly.
     """
+    from jaxcompress.quant.size import table_layer_storage  # late: jaxcompress.quant imports cost
     widths = effective_widths(table, masks)
     per_layer = {k: np.asarray(v) for k, v in layer_counts(table, widths).items()}
     flat_masks = traverse_util.flatten_dict(dict(masks)) if masks is not None else {}
     flat_quant = traverse_util.flatten_dict(dict(quant)) if quant is not None else {}
-    group_keep = [np.asarray(m) > 0 for m in table.group_masks(masks)] if masks is not None else None
+    group_masks = [np.asarray(m) for m in table.group_masks(masks)] if masks is not None else None
     rows, totals = [], dict(params=0.0, nonzero_params=0.0, macs=0.0, sparse_macs=0.0, bytes=0.0)
     for i, layer in enumerate(table.layers):
         key = tuple(layer.path.split("/"))
@@ -74,19 +81,20 @@ def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | 
         kernel_mask = flat_masks.get(key + ("kernel",))
         if kernel_mask is not None:
             keep = np.asarray(kernel_mask) > 0
-            if group_keep is not None and layer.out_group >= 0:
-                keep = keep & group_keep[layer.out_group]
-            if group_keep is not None and layer.in_group >= 0 and not layer.depthwise:
-                in_keep = np.tile(group_keep[layer.in_group], layer.in_repeat)
-                keep = keep & in_keep.reshape((-1, 1))
+            if group_masks is not None:
+                keep = keep & table.kernel_keep(layer, group_masks)
             nonzero = float(keep.sum())
         bits_w = float(flat_quant.get(key + ("bits_w",), 32.0))
         cout = _cout(layer, widths)
-        n_bytes = nonzero * min(bits_w, 32.0) / 8 + 4 * biases + (4 * cout if bits_w < 32 else 0)
+        storage = table_layer_storage(table, layer, weights, cout, flat_masks, group_masks, flat_quant,
+                                      quantizer, index_bits)
+        n_bytes = float(storage.total)
         positions = layer.out_hw[0] * layer.out_hw[1]
         rows.append(dict(layer=layer.path, kind=layer.kind, weights=weights, nonzero_weights=nonzero,
                          biases=biases, macs=weights * positions, sparse_macs=nonzero * positions,
-                         bits_w=bits_w, bytes=n_bytes))
+                         bits_w=bits_w, bytes=n_bytes, format=storage.format, entries=storage.entries,
+                         weight_bytes=storage.weight_bytes, index_bytes=storage.index_bytes,
+                         scale_bytes=storage.scale_bytes))
         totals["params"] += weights + biases
         totals["nonzero_params"] += nonzero + biases
         totals["macs"] += weights * positions

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from jaxcompress.bench import overhead
+from jaxcompress.bench import overhead, speedup
 from jaxcompress.errors import ConfigError
 from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.train import evaluate, train_and_evaluate
@@ -14,6 +14,7 @@ JOBS = {
     "evaluate": evaluate,
     "prune": prune_and_finetune,
     "bench_overhead": overhead.run,
+    "bench_prune_speedup": speedup.run,
 }
 
 

@@ -90,8 +90,9 @@ class Conv(_Compressible):
         padding = self.padding
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
+        x, kernel = nn.dtypes.promote_dtype(x, kernel)
         y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), strides, padding,
+            x, kernel, strides, padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.feature_group_count)
         if self.use_bias:
@@ -114,7 +115,8 @@ class Dense(_Compressible):
         mask = self._channel_mask(self.features)
         kernel = self._compress_kernel(kernel, mask)
         x = self._compress_input(x, self.signed_input)
-        y = x @ kernel.astype(x.dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel)
+        y = x @ kernel
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,))
         return F.apply_channel_mask(y, mask)

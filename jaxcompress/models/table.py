@@ -130,6 +130,16 @@ class ModelTable:
                         f"{'/'.join(paths[0])} and {'/'.join(p)} differ; prune groups with "
                         f"ModelTable.layer_masks")
 
+    def kernel_keep(self, layer: LayerInfo, group_masks) -> np.ndarray:
+        """Boolean array of `layer`'s kernel shape: entries that survive the channel masks."""
+        taps = (*layer.kernel_size, ) if layer.kind == "conv" else ()
+        cin = (group_masks[layer.in_group] > 0 if layer.in_group >= 0 else np.ones(layer.in_fixed, bool))
+        cin = np.ones(1, bool) if layer.depthwise else np.tile(np.asarray(cin), layer.in_repeat)
+        cout = (np.asarray(group_masks[layer.out_group]) > 0 if layer.out_group >= 0
+                else np.ones(layer.out_fixed, bool))
+        keep = cin[:, None] & cout[None, :]
+        return np.broadcast_to(keep, taps + keep.shape)
+
     # Vectorised geometry for the cost model (numpy constants, jnp-friendly).
     def arrays(self) -> dict[str, np.ndarray]:
         f = lambda key: np.asarray([getattr(l, key) for l in self.layers])

@@ -150,21 +150,46 @@ def global_counts(table: ModelTable, scores: Sequence[np.ndarray], keep_ratio: f
 
 def element_masks(table: ModelTable, variables: Mapping, rate: float | Mapping[str, float],
                   masks: Mapping | None = None) -> dict:
-    """Adds magnitude element masks (`masks/<layer>/kernel`) pruning `rate` of each
-    layer's weights (per layer: one rate, or a {layer path: rate} dict)."""
+    """Adds magnitude element masks (`masks/<layer>/kernel`) removing `rate` of the
+    weights each layer keeps after channel pruning (one rate, or {layer path: rate}).
+    Weights of pruned channels are zero in the mask as well."""
     flat = traverse_util.flatten_dict(dict(variables["params"]))
     out = traverse_util.flatten_dict(dict(masks or {}))
-    paths = [l.path for l in table.layers]
-    rates = dict(rate) if isinstance(rate, Mapping) else {p: float(rate) for p in paths}
-    unknown = sorted(set(rates) - set(paths))
+    group_masks = [np.asarray(m) for m in table.group_masks(masks or {})]
+    layers = {l.path: l for l in table.layers}
+    rates = dict(rate) if isinstance(rate, Mapping) else {p: float(rate) for p in layers}
+    unknown = sorted(set(rates) - set(layers))
     if unknown:
-        raise ConfigError(f"element rates name unknown layers {unknown}; layers are: {', '.join(paths)}")
+        raise ConfigError(f"element rates name unknown layers {unknown}; layers are: {', '.join(layers)}")
     for path, r in rates.items():
         if not 0.0 <= r < 1.0:
             raise ConfigError(f"element pruning rate {r:g} for layer {path} is outside [0, 1)")
-        w = np.abs(np.asarray(_kernel(flat, path)))
-        k = int(round(r * w.size))
+        keep = table.kernel_keep(layers[path], group_masks).reshape(-1)
+        w = np.abs(np.asarray(_kernel(flat, path))).reshape(-1)
+        order = np.argsort(np.where(keep, w, -1.0), kind="stable")  # removed channels first
         m = np.ones(w.size, np.float32)
-        m[np.argsort(w.reshape(-1), kind="stable")[:k]] = 0.0
-        out[tuple(path.split("/")) + ("kernel",)] = jnp.asarray(m.reshape(w.shape))
+        m[order[:int(keep.size - keep.sum()) + int(round(r * keep.sum()))]] = 0.0
+        out[tuple(path.split("/")) + ("kernel",)] = jnp.asarray(m.reshape(flat[tuple(path.split("/")) + ("kernel",)].shape))
     return traverse_util.unflatten_dict(out)
+
+
+def keep_ratio_for_flops(table: ModelTable, flops_fraction: float, groups: Sequence[int] | None = None,
+                         multiple: int = 1, iters: int = 40) -> float:
+    """Largest uniform keep ratio whose rounded widths meet `flops_fraction` of the dense
+    FLOPs (bisection over the exact cost model)."""
+    from jaxcompress import cost
+    dense = float(cost.count(table)["macs"])
+    flops = lambda r: float(cost.count(table, keep_counts(table, r, groups, multiple))["macs"]) / dense
+    groups = list(range(table.num_groups)) if groups is None else list(groups)
+    lowest = max(min(multiple, table.widths[g]) / table.widths[g] for g in groups)
+    if flops(lowest) > flops_fraction:
+        raise ConfigError(f"a FLOPs budget of {flops_fraction:.1%} cannot be met: pruning every prunable group "
+                          f"to its minimum leaves {flops(lowest):.1%}; prune more groups (prune.scope=all) "
+                          f"or raise the budget")
+    lo, hi = lowest, 1.0
+    if flops(hi) <= flops_fraction:
+        return hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if flops(mid) <= flops_fraction else (lo, mid)
+    return lo

@@ -70,9 +70,10 @@ def pruning_masks(config, exp, variables) -> tuple[dict, dict]:
         else:
             counts = C.keep_counts(table, ratios, groups, p.multiple)
         masks = table.layer_masks(C.masks_from_scores(scores, counts), variables["masks"])
-    if p.element_rate:
-        rate = dict(p.element_rate) if not isinstance(p.element_rate, (int, float)) else p.element_rate
-        masks = C.element_masks(table, {"params": params}, rate, masks)
+    if p.element_rate or p.element_rates:
+        rates = {layer.path: p.element_rate for layer in table.layers}
+        rates.update(dict(p.element_rates))
+        masks = C.element_masks(table, {"params": params}, rates, masks)
     return masks, params
 
 

@@ -57,7 +57,9 @@ def shrink(table: ModelTable, variables: Mapping) -> tuple[nn.Module, dict]:
         if col == "quant":  # per-layer scalars: unaffected by widths
             out[col] = tree
             continue
-        axes = table.axes.get(col, {})
+        axes = dict(table.axes.get(col, {}))
+        if col == "masks":  # element masks have their kernel's axes
+            axes.update({p: ax for p, ax in table.axes["params"].items() if p[-1] == "kernel"})
         flat = {}
         for path, leaf in traverse_util.flatten_dict(dict(tree)).items():
             leaf = _gather_leaf(leaf, axes[path], kept, table.widths) if path in axes else leaf

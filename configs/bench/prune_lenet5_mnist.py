@@ -1,0 +1,24 @@
+"""Benchmark: LeNet-5 on MNIST pruned with hand-set per-layer rates (structural L1
+channel pruning, then magnitude element pruning of the remaining weights), fine-tuned.
+Target: >= 90% of parameters removed, FLOPs <= 20% of dense, test error <= dense + 0.15.
+
+python -m launch.main --config=configs/bench/prune_lenet5_mnist.py --workdir=workdirs/bench_prune_lenet5
+(uses the reference trained by configs/bench/lenet5_mnist.py if present, else trains one)
+"""
+import os
+
+from configs.bench import lenet5_mnist
+
+REFERENCE = "workdirs/bench_lenet5_mnist"
+
+
+def get_config():
+    c = lenet5_mnist.get_config()
+    c.job = "prune"
+    c.prune.checkpoint = REFERENCE if os.path.isdir(REFERENCE) else ""
+    c.prune.criterion = "l1"
+    c.prune.keep_ratios = {"conv1": 0.5, "conv2": 0.625, "fc1": 0.5, "fc2": 0.5}
+    c.prune.element_rates = {"conv1": 0.3, "conv2": 0.6, "fc1": 0.9, "fc2": 0.8, "fc3": 0.5}
+    c.prune.finetune_epochs = 10
+    c.prune.finetune_learning_rate = 0.01
+    return c
