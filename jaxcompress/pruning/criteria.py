@@ -152,7 +152,8 @@ def element_masks(table: ModelTable, variables: Mapping, rate: float | Mapping[s
                   masks: Mapping | None = None) -> dict:
     """Adds magnitude element masks (`masks/<layer>/kernel`) removing `rate` of the
     weights each layer keeps after channel pruning (one rate, or {layer path: rate}).
-    Weights of pruned channels are zero in the mask as well."""
+    Weights of pruned channels, and weights an existing element mask in `masks`
+    already removed, are zero in the mask as well."""
     flat = traverse_util.flatten_dict(dict(variables["params"]))
     out = traverse_util.flatten_dict(dict(masks or {}))
     group_masks = [np.asarray(m) for m in table.group_masks(masks or {})]
@@ -165,10 +166,13 @@ def element_masks(table: ModelTable, variables: Mapping, rate: float | Mapping[s
         if not 0.0 <= r < 1.0:
             raise ConfigError(f"element pruning rate {r:g} for layer {path} is outside [0, 1)")
         keep = table.kernel_keep(layers[path], group_masks).reshape(-1)
+        existing = out.get(tuple(path.split("/")) + ("kernel",))
+        alive = keep & (np.asarray(existing).reshape(-1) > 0) if existing is not None else keep
         w = np.abs(np.asarray(_kernel(flat, path))).reshape(-1)
-        order = np.argsort(np.where(keep, w, -1.0), kind="stable")  # removed channels first
+        order = np.argsort(np.where(alive, w, -1.0), kind="stable")  # already removed first
         m = np.ones(w.size, np.float32)
-        m[order[:int(keep.size - keep.sum()) + int(round(r * keep.sum()))]] = 0.0
+        n_removed = max(int(keep.size - alive.sum()), int(keep.size - keep.sum()) + int(round(r * keep.sum())))
+        m[order[:n_removed]] = 0.0
         out[tuple(path.split("/")) + ("kernel",)] = jnp.asarray(m.reshape(flat[tuple(path.split("/")) + ("kernel",)].shape))
     return traverse_util.unflatten_dict(out)
 

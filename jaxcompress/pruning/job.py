@@ -37,6 +37,11 @@ def check_prune_config(cfg) -> None:
         raise ConfigError(f"unknown prune.allocation '{cfg.allocation}'; choose uniform or global")
     if not 0.0 < cfg.keep_ratio <= 1.0:
         raise ConfigError(f"prune.keep_ratio={cfg.keep_ratio:g} is outside (0, 1]")
+    if cfg.iterations < 1:
+        raise ConfigError(f"prune.iterations must be >= 1, got {cfg.iterations}")
+    if cfg.iterations > 1 and cfg.criterion in ("lasso", "variational"):
+        raise ConfigError(f"gradual pruning (prune.iterations > 1) needs a score criterion, not "
+                          f"'{cfg.criterion}'; set --config.prune.iterations=1")
 
 
 def sample_batch(exp, size: int, seed: int):
@@ -45,12 +50,18 @@ def sample_batch(exp, size: int, seed: int):
     return np.asarray(normalize(exp.train[0][idx], exp.mean, exp.std)), exp.train[1][idx].astype(np.int32)
 
 
-def pruning_masks(config, exp, variables) -> tuple[dict, dict]:
-    """Masks (and possibly updated params) for `variables` under `config.prune`."""
+def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, dict]:
+    """Masks (and possibly updated params) for `variables` under `config.prune`.
+
+    `fraction` in (0, 1] is how far along a gradual schedule this step is: keep ratio
+    r becomes r**fraction and element rate e becomes 1 - (1 - e)**fraction. Channels
+    and weights already pruned in `variables["masks"]` stay pruned.
+    """
     p = config.prune
     table = exp.table
     groups = C.prunable_groups(table, p.scope)
-    ratios = dict(p.keep_ratios) if p.keep_ratios else p.keep_ratio
+    ratios = ({k: v ** fraction for k, v in p.keep_ratios.items()} if p.keep_ratios
+              else p.keep_ratio ** fraction)
     params = variables["params"]
     if p.criterion == "lasso":
         from jaxcompress.pruning.lasso import lasso_prune
@@ -65,14 +76,16 @@ def pruning_masks(config, exp, variables) -> tuple[dict, dict]:
     else:
         batch = sample_batch(exp, p.sample_size, config.seed) if p.criterion == "snip" else None
         scores = C.channel_scores(table, variables, p.criterion, batch=batch, seed=config.seed)
+        scores = [s * (np.asarray(m) > 0) for s, m in zip(scores, table.group_masks(variables["masks"]))]
         if p.allocation == "global" and not p.keep_ratios:
-            counts = C.global_counts(table, scores, p.keep_ratio, groups)
+            counts = C.global_counts(table, scores, p.keep_ratio ** fraction, groups)
         else:
             counts = C.keep_counts(table, ratios, groups, p.multiple)
         masks = table.layer_masks(C.masks_from_scores(scores, counts), variables["masks"])
     if p.element_rate or p.element_rates:
         rates = {layer.path: p.element_rate for layer in table.layers}
         rates.update(dict(p.element_rates))
+        rates = {k: 1.0 - (1.0 - v) ** fraction for k, v in rates.items()}
         masks = C.element_masks(table, {"params": params}, rates, masks)
     return masks, params
 
@@ -92,8 +105,16 @@ def prune_and_finetune(config, workdir: str) -> dict:
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense = evaluate(state, exp.test)
     prune_start = time.time()
-    masks, params = pruning_masks(config, exp, state.variables())
-    state = state.replace(params=params, masks=masks)
+    ft = config.copy_and_resolve_references()
+    ft.train.learning_rate = p.finetune_learning_rate
+    for i in range(p.iterations):  # gradual pruning (Han et al. 2015): prune, fine-tune masked, repeat
+        masks, params = pruning_masks(config, exp, state.variables(), (i + 1) / p.iterations)
+        state = state.replace(params=params, masks=masks)
+        if i + 1 < p.iterations and p.iteration_epochs > 0:
+            ft.train.num_epochs = p.iteration_epochs
+            tx = make_optimizer(ft.train, steps_per_epoch(ft, exp))
+            step_state = create_train_state(exp.model, tx, exp.input_shape, config.seed, variables=state.variables())
+            state, _ = fit(ft, exp, step_state, os.path.join(workdir, f"iteration{i + 1}"))
     prune_time = time.time() - prune_start
     masked = evaluate(state, exp.test)
     dense_cost = cost.summarize(exp.table)
@@ -101,9 +122,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
 
     small_model, small_vars = shrink(exp.table, state.variables())
     small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
-    ft = config.copy_and_resolve_references()
     ft.train.num_epochs = p.finetune_epochs
-    ft.train.learning_rate = p.finetune_learning_rate
     tx = make_optimizer(ft.train, steps_per_epoch(ft, small_exp))
     small_state = create_train_state(small_model, tx, exp.input_shape, config.seed, variables=small_vars)
     if p.finetune_epochs > 0:
@@ -122,7 +141,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
                     f"{config.model.name}: {p.criterion} pruning, kept channels per group")
     summary = dict(
         job=config.job, model=config.model.name, dataset=config.data.name, criterion=p.criterion,
-        keep_ratio=p.keep_ratio, element_rate=p.element_rate,
+        keep_ratio=p.keep_ratio, element_rate=p.element_rate, iterations=p.iterations,
         accuracy_dense=dense["accuracy"], accuracy_masked=masked["accuracy"], accuracy_pruned=final["accuracy"],
         val_accuracy_pruned=final_val["accuracy"],
         params_dense=dense_cost["totals"]["params"], params_pruned=pruned_cost["totals"]["nonzero_params"],
