@@ -100,7 +100,7 @@ def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | 
         totals["macs"] += weights * positions
         totals["sparse_macs"] += nonzero * positions
         totals["bytes"] += n_bytes
-    norm = sum(2.0 * widths[g] for _, g in table.norm_groups)
+    norm = sum(2.0 * float(widths[g]) for _, g in table.norm_groups)
     for k in ("params", "nonzero_params"):
         totals[k] += norm
     totals["bytes"] += 4 * norm

@@ -51,7 +51,7 @@ def fake_quant_unsigned(x: jax.Array, bits, x_max) -> jax.Array:
     """
     x_max = jnp.maximum(jnp.asarray(x_max, x.dtype), _TINY)
     scale = x_max / (_levels(bits) - 1.0)
-    xc = jnp.clip(x, 0.0, x_max)
+    xc = jnp.where((x >= 0) & (x <= x_max), x, jnp.clip(x, 0.0, x_max))  # gradient 1 at the bounds too
     q = ste_round(xc / scale) * scale
     return jnp.where(bits >= FULL_PRECISION_BITS, x, q.astype(x.dtype))
 
@@ -67,7 +67,7 @@ def fake_quant_symmetric(x: jax.Array, bits, x_max) -> jax.Array:
     x_max = jnp.maximum(jnp.asarray(x_max, x.dtype), _TINY)
     half_levels = jnp.maximum(_levels(bits) / 2.0 - 1.0, 1.0)
     scale = x_max / half_levels
-    xc = jnp.clip(x, -x_max, x_max)
+    xc = jnp.where(jnp.abs(x) <= x_max, x, jnp.clip(x, -x_max, x_max))  # gradient 1 at the bounds too
     q = ste_round(xc / scale) * scale
     binary = jnp.where(xc >= 0, x_max, -x_max)
     binary = xc + jax.lax.stop_gradient(binary - xc)
@@ -75,15 +75,15 @@ def fake_quant_symmetric(x: jax.Array, bits, x_max) -> jax.Array:
     return jnp.where(bits >= FULL_PRECISION_BITS, x, q.astype(x.dtype))
 
 
-def quantize_weight(kernel: jax.Array, bits) -> jax.Array:
+def quantize_weight(kernel: jax.Array, bits, w_max=None) -> jax.Array:
     """Symmetric per-output-channel fake quantization of a kernel (last axis = out).
 
-    The scale of each output channel is max|w| over that channel (no clipping), so
-    the STE gradient is the identity everywhere for weights.
+    The scale of each output channel is `w_max` if given, else max|w| over that
+    channel (no clipping, so the STE gradient is the identity everywhere).
     """
-    reduce_axes = tuple(range(kernel.ndim - 1))
-    w_max = jax.lax.stop_gradient(jnp.max(jnp.abs(kernel), axis=reduce_axes))
-    return fake_quant_symmetric(kernel, bits, w_max)
+    if w_max is None:
+        w_max = jnp.max(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
+    return fake_quant_symmetric(kernel, bits, jax.lax.stop_gradient(w_max))
 
 
 def quantize_activation(x: jax.Array, bits, x_range=None, signed: bool = False) -> jax.Array:

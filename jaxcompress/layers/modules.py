@@ -43,10 +43,14 @@ class _Compressible(nn.Module):
             self.variable("masks", "channel", jnp.ones, (features,), jnp.float32)
         return self._collection_value("masks", "channel")
 
-    def _compress_kernel(self, kernel: Array, channel_mask) -> Array:
-        kernel = F.apply_kernel_masks(kernel, channel_mask, self._collection_value("masks", "kernel"))
+    def _compress_kernel(self, kernel: Array) -> Array:
+        # The channel mask is applied once, to the output: a relaxed (soft) mask then
+        # scales the whole output linearly, bias included.
+        kernel = F.apply_kernel_masks(kernel, None, self._collection_value("masks", "kernel"))
         bits_w = self._collection_value("quant", "bits_w")
-        return kernel if bits_w is None else F.quantize_weight(kernel, bits_w)
+        if bits_w is None:
+            return kernel
+        return F.quantize_weight(kernel, bits_w, self._collection_value("quant", "range_w"))
 
     def _compress_input(self, x: Array, signed: bool) -> Array:
         bits_a = self._collection_value("quant", "bits_a")
@@ -84,7 +88,7 @@ class Conv(_Compressible):
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, in_features // self.feature_group_count, self.features))
         mask = self._channel_mask(self.features)
-        kernel = self._compress_kernel(kernel, mask)
+        kernel = self._compress_kernel(kernel)
         x = self._compress_input(x, self.signed_input)
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
         padding = self.padding
@@ -113,7 +117,7 @@ class Dense(_Compressible):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         mask = self._channel_mask(self.features)
-        kernel = self._compress_kernel(kernel, mask)
+        kernel = self._compress_kernel(kernel)
         x = self._compress_input(x, self.signed_input)
         x, kernel = nn.dtypes.promote_dtype(x, kernel)
         y = x @ kernel

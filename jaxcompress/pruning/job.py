@@ -64,7 +64,9 @@ def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, 
               else p.keep_ratio ** fraction)
     params = variables["params"]
     if p.criterion == "lasso":
-        from jaxcompress.pruning.lasso import lasso_prune
+        from jaxcompress.pruning.lasso import lasso_groups, lasso_prune
+        eligible = set(lasso_groups(table))  # groups with a depthwise consumer are left whole
+        groups = [g for g in groups if g in eligible]
         counts = C.keep_counts(table, ratios, groups, p.multiple)
         images, _ = sample_batch(exp, p.sample_size, config.seed)
         group_masks, new_vars = lasso_prune(table, variables, images, counts, groups=groups, seed=config.seed)

@@ -31,13 +31,14 @@ def kept_indices(table: ModelTable, masks: Mapping) -> list[np.ndarray]:
 
 
 def _gather_leaf(leaf, axis_groups, kept, widths):
+    leaf = np.asarray(leaf)
     for axis, ag in enumerate(axis_groups):
         if ag is None:
             continue
         idx = kept[ag.group]
         if ag.repeat > 1:  # NHWC flatten: row index = position * width + channel
             idx = (np.arange(ag.repeat)[:, None] * widths[ag.group] + idx[None, :]).reshape(-1)
-        leaf = jnp.take(leaf, idx, axis=axis)
+        leaf = np.take(leaf, idx, axis=axis)  # host gather: no XLA compile per new shape
     return leaf
 
 
@@ -54,8 +55,8 @@ def shrink(table: ModelTable, variables: Mapping) -> tuple[nn.Module, dict]:
     new_model = table.model.clone(widths=tuple(int(k.size) for k in kept))
     out = {}
     for col, tree in variables.items():
-        if col == "quant":  # per-layer scalars: unaffected by widths
-            out[col] = tree
+        if col == "quant":
+            out[col] = _freeze_weight_scales(table, variables, kept)
             continue
         axes = dict(table.axes.get(col, {}))
         if col == "masks":  # element masks have their kernel's axes
@@ -65,6 +66,31 @@ def shrink(table: ModelTable, variables: Mapping) -> tuple[nn.Module, dict]:
             leaf = _gather_leaf(leaf, axes[path], kept, table.widths) if path in axes else leaf
             if col == "masks" and path[-1] == "channel":
                 leaf = jnp.ones_like(leaf)
-            flat[path] = leaf
+            flat[path] = jnp.asarray(leaf)
         out[col] = traverse_util.unflatten_dict(flat)
     return new_model, out
+
+
+def _freeze_weight_scales(table: ModelTable, variables: Mapping, kept) -> dict:
+    """The `quant` collection for the shrunk network.
+
+    A masked layer's per-channel weight scale max|w| also spans rows of pruned input
+    channels, which surgery removes; storing the masked network's scales as
+    `range_w` keeps the shrunk network's fake-quantized outputs equal to the masked
+    network's.
+    """
+    flat_q = traverse_util.flatten_dict(dict(variables["quant"]))
+    flat_p = traverse_util.flatten_dict(dict(variables["params"]))
+    flat_m = traverse_util.flatten_dict(dict(variables.get("masks", {})))
+    for layer in table.layers:
+        key = tuple(layer.path.split("/"))
+        if key + ("bits_w",) not in flat_q or key + ("range_w",) in flat_q:
+            continue
+        kernel = np.asarray(flat_p[key + ("kernel",)])
+        if key + ("kernel",) in flat_m:
+            kernel = kernel * np.asarray(flat_m[key + ("kernel",)])
+        w_max = np.abs(kernel).max(axis=tuple(range(kernel.ndim - 1)))
+        if layer.out_group >= 0:
+            w_max = w_max[kept[layer.out_group]]
+        flat_q[key + ("range_w",)] = jnp.asarray(w_max, jnp.float32)
+    return traverse_util.unflatten_dict(flat_q)

@@ -1,0 +1,310 @@
+"""Meta-training of the STAMP set encoder and mask generator over reference tasks.
+
+STAMP (Song et al., arXiv:2006.12139): tasks are random subsets of the reference
+dataset (a random subset of its classes, relabelled, and a random subsample of
+their examples). For each task the encoder embeds a sample of the task, the
+generator gives Beta-Bernoulli channel gates, the masked pretrained network takes
+K SGD steps on the task (inner loop, `lax.scan`), and the post-adaptation loss on
+held-out task examples (plus the KL and budget terms) trains encoder and generator
+(outer loop). Outer algorithms (`algorithm`):
+
+* `fomaml`: first-order MAML (Finn et al. 2017): the inner trajectory is treated
+  as constant; the query loss is differentiated through the gates at the adapted
+  weights;
+* `maml`: second-order, back-propagating through the K inner steps;
+* `reptile` (Nichol et al. 2018): the inner loop also updates the encoder and
+  generator (SGD, `reptile_lr`), and the meta-gradient is phi - phi_K.
+
+Tasks of one outer step are `jax.vmap`ped; the whole step is one jitted program.
+With `meta_weights=True` the network weights are meta-learned as well (FOMAML /
+MAML / Reptile update of the initial weights); by default they stay at the
+pretrained values. Meta-training is resumable from Orbax checkpoints
+(`<workdir>/checkpoints`); the task sampler is a pure function of (seed, step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import struct
+
+from jaxcompress.data import normalize
+from jaxcompress.errors import ConfigError
+from jaxcompress.stamp import kumaraswamy as K
+from jaxcompress.stamp.encoder import SetEncoder
+from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective
+from jaxcompress.train.metrics import MetricWriter
+from jaxcompress.train.steps import cross_entropy
+
+ALGORITHMS = ("fomaml", "maml", "reptile")
+
+
+class MetaState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any  # {"encoder", "generator"[, "net"]}
+    opt_state: Any
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stamp:
+    """Everything STAMP needs about the network, the gates and the meta-learning setup.
+
+    `net_variables` are the frozen pretrained variables (params, batch_stats, masks);
+    `mean`, `std` normalise uint8 task images.
+    """
+
+    layout: GroupLayout
+    net_variables: dict
+    mean: np.ndarray
+    std: np.ndarray
+    objective: SparsityObjective
+    encoder: SetEncoder
+    generator: MaskGenerator
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    temperature: float = 0.1
+    algorithm: str = "fomaml"
+    reptile_lr: float = 0.01
+    meta_weights: bool = False
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown stamp.algorithm '{self.algorithm}'; choose one of {', '.join(ALGORITHMS)}")
+
+    @property
+    def model(self):
+        return self.layout.table.model
+
+    # ---- pieces -----------------------------------------------------------------
+    def _inputs(self, x):
+        return normalize(x, self.mean, self.std) if x.dtype == jnp.uint8 else x
+
+    def init(self, rng, set_x, set_y) -> dict:
+        """Meta-parameters from one example set (set_x: (N, D) features or uint8 images)."""
+        k_enc, k_gen = jax.random.split(rng)
+        enc = self.encoder.init(k_enc, self._inputs(jnp.asarray(set_x)), jnp.asarray(set_y))
+        z = self.encoder.apply(enc, self._inputs(jnp.asarray(set_x)), jnp.asarray(set_y))
+        params = {"encoder": enc, "generator": self.generator.init(k_gen, z)}
+        if self.meta_weights:
+            params["net"] = self.net_variables["params"]
+        return params
+
+    def kumaraswamy_params(self, meta_params, set_x, set_y):
+        z = self.encoder.apply(meta_params["encoder"], self._inputs(set_x), set_y)
+        return self.generator.apply(meta_params["generator"], z)
+
+    def keep_probabilities(self, meta_params, set_x, set_y) -> list[jax.Array]:
+        """Test-time E[pi] per prunable group for a set (one forward pass)."""
+        a, b = self.kumaraswamy_params(meta_params, set_x, set_y)
+        return [K.kumaraswamy_mean(ai, bi) for ai, bi in zip(a, b)]
+
+    def sample_masks(self, rng, a_list, b_list) -> dict:
+        keys = jax.random.split(rng, len(a_list))
+        gates = [K.sample_gates(k, a, b, self.temperature) for k, a, b in zip(keys, a_list, b_list)]
+        return self.layout.layer_masks(gates, self.net_variables.get("masks"))
+
+    def apply_net(self, params, batch_stats, masks, x, train: bool):
+        variables = {"params": params, "masks": masks}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        if train:
+            logits, upd = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
+            return logits, upd.get("batch_stats", batch_stats)
+        return self.model.apply(variables, x, train=False), batch_stats
+
+    def adapt(self, params, batch_stats, masks, xs, ys):
+        """K inner SGD steps (lax.scan) of the masked network on batches xs (K, B, ...)."""
+        def step(carry, batch):
+            p, s = carry
+            x, y = batch
+
+            def loss_fn(p):
+                logits, s2 = self.apply_net(p, s, masks, self._inputs(x), train=True)
+                return cross_entropy(logits, y).mean(), s2
+
+            (loss, s2), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+            return (jax.tree.map(lambda w, d: w - self.inner_lr * d, p, g), s2), loss
+
+        (p, s), losses = jax.lax.scan(step, (params, batch_stats), (xs, ys))
+        return p, s, losses
+
+    # ---- per-task objectives ------------------------------------------------------
+    def task_loss(self, meta_params, task, rng):
+        """Post-adaptation query loss + sparsity terms for one task (FOMAML / MAML)."""
+        a, b = self.kumaraswamy_params(meta_params, task["set_x"], task["set_y"])
+        masks = self.sample_masks(rng, a, b)
+        p0 = meta_params.get("net", self.net_variables["params"])
+        s0 = self.net_variables.get("batch_stats", {})
+        first = self.algorithm == "fomaml"
+        inner_masks = jax.lax.stop_gradient(masks) if first else masks
+        pk, sk, inner = self.adapt(jax.lax.stop_gradient(p0) if first else p0, s0, inner_masks,
+                                   task["inner_x"], task["inner_y"])
+        if first:  # FOMAML: d loss / d p0 := d loss / d p_K
+            pk = jax.tree.map(lambda w0, wk: w0 + jax.lax.stop_gradient(wk - w0), p0, pk)
+        logits, _ = self.apply_net(pk, sk, masks, self._inputs(task["query_x"]), train=True)
+        query = cross_entropy(logits, task["query_y"]).mean()
+        reg, info = self.objective(self.layout, a, b)
+        acc = (logits.argmax(-1) == task["query_y"]).mean()
+        return query + reg, dict(query_loss=query, query_accuracy=acc, inner_first=inner[0],
+                                 inner_last=inner[-1], **info)
+
+    def reptile_direction(self, meta_params, task, rng):
+        """phi - phi_K after K joint SGD steps on (gates, weights): Reptile's meta-gradient."""
+        s0 = self.net_variables.get("batch_stats", {})
+        phi0 = {k: v for k, v in meta_params.items() if k != "net"}
+        w0 = meta_params.get("net", self.net_variables["params"])
+
+        def step(carry, batch):
+            phi, w, s, key = carry
+            x, y = batch
+            key, sub = jax.random.split(key)
+
+            def loss_fn(phi, w):
+                a, b = self.kumaraswamy_params(phi, task["set_x"], task["set_y"])
+                logits, s2 = self.apply_net(w, s, self.sample_masks(sub, a, b), self._inputs(x), train=True)
+                ce = cross_entropy(logits, y).mean()
+                return ce + self.objective(self.layout, a, b)[0], (ce, s2)
+
+            (_, (ce, s2)), (g_phi, g_w) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(phi, w)
+            phi = jax.tree.map(lambda p, g: p - self.reptile_lr * g, phi, g_phi)
+            w = jax.tree.map(lambda p, g: p - self.inner_lr * g, w, g_w)
+            return (phi, w, s2, key), ce
+
+        (phik, wk, sk, _), inner = jax.lax.scan(step, (phi0, w0, s0, rng), (task["inner_x"], task["inner_y"]))
+        a, b = self.kumaraswamy_params(phik, task["set_x"], task["set_y"])
+        logits, _ = self.apply_net(wk, sk, self.sample_masks(rng, a, b), self._inputs(task["query_x"]), True)
+        query = cross_entropy(logits, task["query_y"]).mean()
+        _, info = self.objective(self.layout, a, b)
+        direction = jax.tree.map(lambda p, q: p - q, phi0, phik)
+        if "net" in meta_params:
+            direction["net"] = jax.tree.map(lambda p, q: p - q, w0, wk)
+        acc = (logits.argmax(-1) == task["query_y"]).mean()
+        return direction, dict(query_loss=query, query_accuracy=acc, inner_first=inner[0],
+                               inner_last=inner[-1], **info)
+
+    # ---- the outer step -----------------------------------------------------------
+    def create_state(self, rng, set_x, set_y, tx) -> MetaState:
+        k_init, k_state = jax.random.split(rng)
+        params = self.init(k_init, set_x, set_y)
+        return MetaState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                         rng=k_state, tx=tx)
+
+    def meta_step(self, state: MetaState, tasks):
+        """One outer update from a batch of tasks (leading axis T, vmapped)."""
+        num_tasks = tasks["query_y"].shape[0]
+        keys = jax.random.split(jax.random.fold_in(state.rng, state.step), num_tasks)
+        if self.algorithm == "reptile":
+            dirs, info = jax.vmap(self.reptile_direction, in_axes=(None, 0, 0))(state.params, tasks, keys)
+            grads = jax.tree.map(lambda d: d.mean(0), dirs)
+        else:
+            def outer(params):
+                losses, info = jax.vmap(self.task_loss, in_axes=(None, 0, 0))(params, tasks, keys)
+                return losses.mean(), info
+            (_, info), grads = jax.value_and_grad(outer, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+        return state, jax.tree.map(jnp.mean, info)
+
+    def post_adaptation_loss(self, meta_params, task, rng):
+        """Query loss after the inner loop for one task (no sparsity terms): what meta-training lowers."""
+        return self.task_loss(meta_params, task, rng)[1]["query_loss"]
+
+
+class TaskSampler:
+    """Random tasks from a labelled reference set: a class subset (relabelled in random
+    order) and subsamples for the set encoder, the K inner batches and the query.
+
+    `set_inputs` (default `x`) is what the encoder sees per example (precomputed
+    pretrained features, or the images). Tasks of step s are a pure function of
+    (seed, s), which makes meta-training resumable without saving sampler state.
+    """
+
+    def __init__(self, x, y, *, ways: tuple[int, int], set_size: int, inner_steps: int, inner_batch: int,
+                 query_size: int, seed: int = 0, set_inputs=None):
+        self.x, self.y = x, np.asarray(y)
+        self.set_inputs = x if set_inputs is None else set_inputs
+        self.classes = np.unique(self.y)
+        lo, hi = ways
+        if set_size < 1:
+            raise ConfigError(f"stamp.set_size must be >= 1, got {set_size}")
+        if not 1 <= lo <= hi <= len(self.classes):
+            raise ConfigError(f"stamp.task_ways={ways} must lie within 1..{len(self.classes)} reference classes")
+        self.ways, self.set_size, self.inner_steps = (lo, hi), set_size, inner_steps
+        self.inner_batch, self.query_size, self.seed = inner_batch, query_size, seed
+        self.by_class = {int(c): np.flatnonzero(self.y == c) for c in self.classes}
+
+    def _task(self, rng):
+        ways = int(rng.integers(self.ways[0], self.ways[1] + 1))
+        classes = rng.choice(self.classes, ways, replace=False)
+        pool = np.concatenate([self.by_class[int(c)] for c in classes])
+        relabel = np.zeros(int(self.classes.max()) + 1, np.int32)
+        relabel[classes] = np.arange(ways)
+        n_train = self.inner_steps * self.inner_batch
+        need = n_train + self.query_size
+        drawn = rng.choice(pool, need, replace=need > len(pool))
+        set_idx = rng.choice(pool, self.set_size, replace=self.set_size > len(pool))
+        inner, query = drawn[:n_train], drawn[n_train:]
+        shape = (self.inner_steps, self.inner_batch)
+        return dict(set_x=self.set_inputs[set_idx], set_y=relabel[self.y[set_idx]],
+                    inner_x=self.x[inner].reshape(shape + self.x.shape[1:]),
+                    inner_y=relabel[self.y[inner]].reshape(shape),
+                    query_x=self.x[query], query_y=relabel[self.y[query]])
+
+    def sample(self, step: int, num_tasks: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(step)])
+        tasks = [self._task(rng) for _ in range(num_tasks)]
+        return {k: np.stack([t[k] for t in tasks]) for k in tasks[0]}
+
+
+def _tree(state: MetaState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_step: int, learning_rate: float,
+               workdir: str, seed: int = 0, checkpoint_every: int = 50, log_every: int = 10
+               ) -> tuple[MetaState, dict]:
+    """Runs (or resumes) meta-training into `workdir`; returns the final state and timing."""
+    tx = optax.adam(learning_rate)
+    probe = sampler.sample(0, 1)
+    state = stamp.create_state(jax.random.key(seed), probe["set_x"][0], probe["set_y"][0], tx)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(state))
+        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        state = state.replace(**restored)
+        logging.info("stamp: resumed meta-training at step %d", int(state.step))
+    step_fn = jax.jit(stamp.meta_step, donate_argnums=(0,))
+    writer = MetricWriter(workdir)
+    step = int(state.step)
+    start, sums, n = time.time(), None, 0
+    while step < num_steps:
+        state, info = step_fn(state, sampler.sample(step, tasks_per_step))
+        step += 1
+        info = jax.device_get(info)
+        sums = info if sums is None else jax.tree.map(np.add, sums, info)
+        n += 1
+        if step % log_every == 0 or step == num_steps:
+            avg = {k: float(v) / n for k, v in sums.items()}
+            writer.write(step, **avg, elapsed_s=time.time() - start)
+            logging.info("stamp meta step %d/%d: query loss %.4f acc %.3f, E[%s] %.3f, inner %.3f -> %.3f", step,
+                         num_steps, avg["query_loss"], avg["query_accuracy"], stamp.objective.budget_metric,
+                         avg["expected_fraction"], avg["inner_first"], avg["inner_last"])
+            sums, n = None, 0
+        if step % checkpoint_every == 0 or step == num_steps:
+            manager.save(step, args=ocp.args.StandardSave(_tree(state)))
+    manager.wait_until_finished()
+    manager.close()
+    return state, {"meta_train_time_s": time.time() - start}
