@@ -46,6 +46,9 @@ def check_train_config(cfg, num_devices: int) -> None:
                               f"set --config.train.{key} to e.g. {num_devices * max(1, size // num_devices)}")
     if cfg.num_epochs <= 0:
         raise ConfigError(f"train.num_epochs must be positive, got {cfg.num_epochs}")
+    if not 0 <= cfg.warmup_epochs < cfg.num_epochs:
+        raise ConfigError(f"train.warmup_epochs={cfg.warmup_epochs} must be >= 0 and below train.num_epochs="
+                          f"{cfg.num_epochs}; lower --config.train.warmup_epochs")
 
 
 def setup_experiment(config) -> Experiment:
@@ -64,7 +67,11 @@ def setup_experiment(config) -> Experiment:
         x_train, y_train = select_classes(x_train, y_train, d.classes)
         x_test, y_test = select_classes(x_test, y_test, d.classes)
         num_classes = len(d.classes)
-    (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, d.val_size, seed=config.seed)
+    try:
+        (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, d.val_size, seed=config.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.val_size={d.val_size}: {e}; set --config.data.val_size to a count below "
+                          f"{len(x_train)} or a fraction in (0, 1)") from None
     if len(x_train) < config.train.batch_size:
         raise ConfigError(f"only {len(x_train)} training examples but train.batch_size="
                           f"{config.train.batch_size}; lower --config.train.batch_size")
