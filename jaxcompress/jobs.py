@@ -6,6 +6,11 @@ import os
 from jaxcompress.bench import overhead, speedup
 from jaxcompress.errors import ConfigError
 from jaxcompress.pruning.job import prune_and_finetune
+from jaxcompress.quant import bench as quant_bench
+from jaxcompress.quant.job import quantize
+from jaxcompress.stamp.job import run as stamp
+from jaxcompress.rl import bench as rl_bench
+from jaxcompress.rl.job import search
 from jaxcompress.train import evaluate, train_and_evaluate
 from jaxcompress.train.metrics import write_json
 
@@ -13,8 +18,14 @@ JOBS = {
     "train": train_and_evaluate,
     "evaluate": evaluate,
     "prune": prune_and_finetune,
+    "quantize": quantize,
+    "bench_quant_mixed": quant_bench.run,
+    "stamp": stamp,
     "bench_overhead": overhead.run,
     "bench_prune_speedup": speedup.run,
+    "search": search,
+    "bench_search_speed": rl_bench.speed,
+    "bench_search_agents": rl_bench.agents,
 }
 
 

@@ -46,11 +46,14 @@ class _Compressible(nn.Module):
     def _compress_kernel(self, kernel: Array) -> Array:
         # The channel mask is applied once, to the output: a relaxed (soft) mask then
         # scales the whole output linearly, bias included.
-        kernel = F.apply_kernel_masks(kernel, None, self._collection_value("masks", "kernel"))
+        kernel_mask = self._collection_value("masks", "kernel")
+        kernel = F.apply_kernel_masks(kernel, None, kernel_mask)
         bits_w = self._collection_value("quant", "bits_w")
         if bits_w is None:
             return kernel
-        return F.quantize_weight(kernel, bits_w, self._collection_value("quant", "range_w"))
+        # re-mask: the 1-bit sign grid would turn pruned zeros into +scale
+        return F.apply_kernel_masks(F.quantize_weight(kernel, bits_w, self._collection_value("quant", "range_w")),
+                                    None, kernel_mask)
 
     def _compress_input(self, x: Array, signed: bool) -> Array:
         bits_a = self._collection_value("quant", "bits_a")

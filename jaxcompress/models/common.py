@@ -17,10 +17,12 @@ from jaxcompress.layers import BatchNorm, Conv
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv_bn(x, features, kernel, train, *, strides=1, groups=1, act=nn.relu, name, first=False):
-    """Conv (no bias) -> BatchNorm -> activation; `act=None` for a linear output."""
+def conv_bn(x, features, kernel, train, *, strides=1, groups=1, act=nn.relu, name, signed_input=False):
+    """Conv (no bias) -> BatchNorm -> activation; `act=None` for a linear output.
+    `signed_input`: the conv's input can be negative (images, linear residual
+    streams), so activation quantization uses the signed grid."""
     x = Conv(features, (kernel, kernel), strides=strides, padding="SAME", feature_group_count=groups,
-             use_bias=False, kernel_init=conv_init, signed_input=first, name=f"{name}_conv")(x)
+             use_bias=False, kernel_init=conv_init, signed_input=signed_input, name=f"{name}_conv")(x)
     x = BatchNorm(use_running_average=not train, name=f"{name}_bn")(x)
     return x if act is None else act(x)
 

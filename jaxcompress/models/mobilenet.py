@@ -41,7 +41,7 @@ class MobileNetV1(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = conv_bn(x, self.widths[0], 3, train, strides=1 if self.small_input else 2, name="stem", first=True)
+        x = conv_bn(x, self.widths[0], 3, train, strides=1 if self.small_input else 2, name="stem", signed_input=True)
         for i, (_, stride) in enumerate(V1_BLOCKS):
             x = conv_bn(x, x.shape[-1], 3, train, strides=stride, groups=x.shape[-1], name=f"block{i}_dw")
             x = conv_bn(x, self.widths[i + 1], 1, train, name=f"block{i}_pw")
@@ -58,16 +58,17 @@ class MobileNetV2(nn.Module):
         n = len(V2_STAGES)
         streams, expansions = self.widths[1:1 + n], iter(self.widths[1 + n:-1])
         x = conv_bn(x, self.widths[0], 3, train, strides=1 if self.small_input else 2, name="stem",
-                    act=nn.relu6, first=True)
+                    act=nn.relu6, signed_input=True)
         for s, (t, _, n_blocks, stride) in enumerate(V2_STAGES):
             for b in range(n_blocks):
                 name = f"stage{s + 1}_block{b}"
                 y = x
                 if t != 1:
-                    y = conv_bn(y, next(expansions), 1, train, act=nn.relu6, name=f"{name}_expand")
+                    y = conv_bn(y, next(expansions), 1, train, act=nn.relu6, name=f"{name}_expand",
+                                signed_input=True)  # input: the linear stream
                 y = conv_bn(y, y.shape[-1], 3, train, strides=stride if b == 0 else 1, groups=y.shape[-1],
                             act=nn.relu6, name=f"{name}_dw")
                 y = conv_bn(y, streams[s], 1, train, act=None, name=f"{name}_project")
                 x = x + y if b > 0 else y
-        x = conv_bn(x, self.widths[-1], 1, train, act=nn.relu6, name="last")
+        x = conv_bn(x, self.widths[-1], 1, train, act=nn.relu6, name="last", signed_input=True)
         return Dense(self.num_classes, name="classifier")(global_avg_pool(x))

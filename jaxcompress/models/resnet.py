@@ -46,10 +46,10 @@ class ResNet(nn.Module):
         inner = iter(self.widths[offset + n_stages:])
         stem_width = self.widths[0] if self.bottleneck else streams[0]
         if self.imagenet_stem:
-            x = conv_bn(x, stem_width, 7, train, strides=2, name="stem", first=True)
+            x = conv_bn(x, stem_width, 7, train, strides=2, name="stem", signed_input=True)
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         else:
-            x = conv_bn(x, stem_width, 3, train, name="stem", first=True)
+            x = conv_bn(x, stem_width, 3, train, name="stem", signed_input=True)
         for s, n_blocks in enumerate(self.stage_sizes):
             for b in range(n_blocks):
                 name = f"stage{s + 1}_block{b}"

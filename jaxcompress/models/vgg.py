@@ -39,7 +39,7 @@ class VGG(nn.Module):
             if c == POOL:
                 x = nn.max_pool(x, (2, 2), (2, 2))
             else:
-                x = conv_bn(x, self.widths[i], 3, train, name=f"layer{i}", first=i == 0)
+                x = conv_bn(x, self.widths[i], 3, train, name=f"layer{i}", signed_input=i == 0)
                 i += 1
         x = x.reshape(x.shape[0], -1)
         if self.head == "imagenet":

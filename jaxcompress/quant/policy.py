@@ -40,3 +40,92 @@ def make_quant(table: ModelTable, bits_w=None, bits_a=None) -> dict:
                 node = node.setdefault(part, {})
             node[key] = jnp.asarray(b, jnp.float32)
     return quant
+
+
+# ------------------------------------------------------------------------------------------------
+# Supported bit widths and the policy file (what the RL search writes, what `quantize` reads).
+# ------------------------------------------------------------------------------------------------
+
+POLICY_FORMAT = "jaxcompress.quant_policy/1"
+SUPPORTED_BITS_W = tuple(range(1, 9)) + (32,)  # 32: the layer stays float32
+SUPPORTED_BITS_A = tuple(range(2, 9)) + (32,)  # 32: the layer's input is not quantized
+
+
+def _as_bits(value, name: str, where: str, supported: tuple[int, ...]) -> int:
+    try:
+        b = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} for {where} is {value!r}, not a number of bits") from None
+    if b != int(b) or int(b) not in supported:
+        raise ConfigError(f"{name}={value!r} for {where} is outside the supported bit widths "
+                          f"{supported[0]}..{supported[-2]} (or 32 = float)")
+    return int(b)
+
+
+def layer_bits(table: ModelTable, default, overrides: Mapping | None, name: str) -> dict[str, int]:
+    """{layer path: bits} for every layer: `default` (a number) overridden by `overrides`
+    ({layer path: bits}); ConfigError for unknown layers and unsupported widths."""
+    supported = SUPPORTED_BITS_W if name == "bits_w" else SUPPORTED_BITS_A
+    paths = [layer.path for layer in table.layers]
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(paths))
+    if unknown:
+        raise ConfigError(f"{name} names unknown layers {unknown}; layers are: {', '.join(paths)}")
+    out = {p: _as_bits(default, name, "every layer", supported) for p in paths}
+    out.update({p: _as_bits(b, name, f"layer {p}", supported) for p, b in overrides.items()})
+    return out
+
+
+def write_policy(path: str, bits_w: Mapping[str, int], bits_a: Mapping[str, int] | None = None, *,
+                 model: str | None = None, widths=None, **info) -> dict:
+    """Writes a policy file (JSON, format `jaxcompress.quant_policy/1`):
+
+        {"format": "jaxcompress.quant_policy/1",
+         "model": "resnet20",                 # optional: checked against config.model.name
+         "widths": [16, 32, ...],             # optional: checked against the network's widths
+         "bits_w": {"stem_conv": 8, ...},     # layer path -> weight bits (1..8, 32 = float)
+         "bits_a": {"stem_conv": 8, ...},     # optional: layer path -> input activation bits (2..8, 32)
+         ...}                                 # any other keys (reward, accuracy, search step) are kept as info
+
+    Layers a policy leaves out take the config's uniform `quant.bits_w` / `quant.bits_a`.
+    """
+    import json
+    import os
+    policy = {"format": POLICY_FORMAT, "bits_w": {k: int(v) for k, v in bits_w.items()}}
+    if bits_a is not None:
+        policy["bits_a"] = {k: int(v) for k, v in bits_a.items()}
+    if model is not None:
+        policy["model"] = model
+    if widths is not None:
+        policy["widths"] = [int(w) for w in widths]
+    policy.update(info)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(policy, f, indent=2, sort_keys=True)
+    return policy
+
+
+def read_policy(path: str, table: ModelTable, model: str | None = None) -> dict:
+    """Reads and checks a policy file against `table` (and the model name); returns the
+    dict with `bits_w` / `bits_a` ({layer: bits}, possibly partial)."""
+    import json
+    import os
+    if not os.path.isfile(path):
+        raise ConfigError(f"quant.policy file {path} does not exist")
+    try:
+        with open(path) as f:
+            policy = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"quant.policy file {path} is not valid JSON ({e})") from None
+    if not isinstance(policy, dict) or policy.get("format") != POLICY_FORMAT:
+        raise ConfigError(f"quant.policy file {path} is not a '{POLICY_FORMAT}' policy (its 'format' key)")
+    if model is not None and policy.get("model", model) != model:
+        raise ConfigError(f"quant.policy file {path} is for model '{policy['model']}', not '{model}'")
+    if "widths" in policy and [int(w) for w in policy["widths"]] != [int(w) for w in table.widths]:
+        raise ConfigError(f"quant.policy file {path} is for widths {policy['widths']}, but the network "
+                          f"has widths {list(table.widths)}")
+    for name in ("bits_w", "bits_a"):
+        if name in policy and not isinstance(policy[name], dict):
+            raise ConfigError(f"quant.policy file {path}: '{name}' must be a {{layer: bits}} object")
+        layer_bits(table, 32, policy.get(name), name)  # names and ranges
+    return policy

@@ -1,0 +1,28 @@
+"""Benchmark: ResNet-20 / CIFAR-10, uniform 8, 6 and 4-bit weights against a
+sensitivity-based mixed allocation of the size of the 4-bit network; activations 8
+bits; every row 1 epoch of QAT from the same float network (equal budget).
+
+The float network is trained first if missing, with a short CPU budget (20 epochs)
+into workdirs/bench_resnet20_cifar10_short.
+
+python -m launch.main --config=configs/bench/quant_resnet20_cifar10_mixed.py --workdir=workdirs/bench_quant_resnet20_mixed
+"""
+from configs import cifar10_resnet20
+
+
+def get_config():
+    c = cifar10_resnet20.get_config()
+    c.train.num_epochs = 20
+    c.job = "bench_quant_mixed"
+    c.quant.checkpoint = "workdirs/bench_resnet20_cifar10_short"
+    c.quant.train_if_missing = True
+    c.quant.mode = "qat"
+    c.quant.qat_epochs = 1
+    c.quant.qat_learning_rate = 0.01
+    c.quant.bits_a = 8
+    c.quant.calibration = "mse"
+    c.quant.bench_uniform_bits = (8, 6, 4)
+    c.quant.bench_mixed_bits = (4,)
+    c.quant.min_bits_w = 2
+    c.quant.sensitivity_bits = (2, 3, 4, 5, 6, 7, 8)
+    return c

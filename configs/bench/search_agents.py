@@ -1,0 +1,31 @@
+"""Benchmark: PPO (the paper's) against DDPG (AMC) on LeNet-5 / MNIST at 50% FLOPs: 3 seeds
+each, the same episode budget (reward curves, final best reward mean and spread), then
+the best policy of each run and uniform pruning fine-tuned alike (quality at a budget).
+LeNet-5 rather than ResNet-20 / CIFAR-10: what fits a 2-core CPU.
+
+python -m launch.main --config=configs/bench/search_agents.py --workdir=workdirs/bench_search_agents
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.job = "bench_search_agents"
+    c.model.name = "lenet5"
+    c.data.name = "mnist"
+    c.search.checkpoint = "workdirs/bench_lenet5_mnist"
+    c.search.flops_budget = 0.5
+    c.search.a_max = 0.9
+    c.search.scope = "all"
+    c.search.episodes = 320
+    c.search.eval_size = 512
+    c.search.finetune_epochs = 1
+    c.search.finetune_learning_rate = 0.01
+    c.search.ddpg.warmup_episodes = 64
+    c.bench = ml_collections.ConfigDict(dict(
+        agents=("ppo", "ddpg"), seeds=(0, 1, 2),
+        num_actors={"ppo": 16, "ddpg": 16},  # same episodes per update for both
+        final_window=64, finetune=True))
+    return c

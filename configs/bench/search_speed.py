@@ -1,0 +1,26 @@
+"""Benchmark: episodes/s of the jitted, vmapped search (N = 1, 8, 16, 32 actors) against a
+straightforward per-layer Python loop over the same environment, agent and evaluation
+data (LeNet-5 / MNIST, trained run workdirs/bench_lenet5_mnist), same process.
+
+python -m launch.main --config=configs/bench/search_speed.py --workdir=workdirs/bench_search_speed
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.job = "bench_search_speed"
+    c.model.name = "lenet5"
+    c.data.name = "mnist"
+    c.search.checkpoint = "workdirs/bench_lenet5_mnist"
+    c.search.flops_budget = 0.5
+    c.search.scope = "all"
+    c.bench = ml_collections.ConfigDict(dict(
+        eval_sizes=(64, 256, 1000),  # validation images per candidate
+        actors=(1, 8, 16, 32),
+        loop_actors=(1, 8, 16, 32),  # N at which the Python loop is timed too
+        jit_episodes=64,  # jitted episodes per timing round (after compile + one warm-up iteration)
+        rounds=5))  # interleaved rounds: jit block, then one Python-loop iteration of N episodes
+    return c

@@ -1,0 +1,30 @@
+"""Two-stage RL search on LeNet-5 / MNIST (the paper's Table 1 row: 90% of the parameters
+removed, 16.4% FLOPs), from the trained LeNet-5 benchmark run: FLOPs at most 20% and
+parameters at most 10% (both walled), then weight bits at 5 bits on average.
+
+python -m launch.main --config=configs/search_lenet5.py --workdir=workdirs/search_lenet5
+(train first: python -m launch.main --config=configs/bench/lenet5_mnist.py --workdir=workdirs/bench_lenet5_mnist)
+"""
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.job = "search"
+    c.model.name = "lenet5"
+    c.data.name = "mnist"
+    c.search.checkpoint = "workdirs/bench_lenet5_mnist"
+    c.search.agent = "ppo"
+    c.search.num_actors = 16
+    c.search.episodes = 960
+    c.search.flops_budget = 0.2
+    c.search.params_budget = 0.1
+    c.search.a_min, c.search.a_max = 0.0, 0.95
+    c.search.scope = "all"
+    c.search.eval_size = 1000
+    c.search.finetune_epochs = 8
+    c.search.finetune_learning_rate = 0.02
+    c.search.quant.episodes = 256
+    c.search.quant.bits_budget = 5.0
+    c.search.quant.qat_epochs = 2
+    return c
