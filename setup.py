@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "distrax>=0.1.5",  # PPO's policy distributions (jaxcompress.rl)
+    "rlax>=0.1.6",  # PPO's clipped surrogate loss (jaxcompress.rl)
 ]
 
 setup(
@@ -27,6 +29,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "rl": ["distrax>=0.1.5", "rlax>=0.1.6"],
     },
 )

@@ -19,13 +19,13 @@ def get_config():
     c.search.flops_budget = 0.5
     c.search.a_max = 0.9
     c.search.scope = "all"
-    c.search.episodes = 320
+    c.search.episodes = 800  # AMC: ~800 episodes
     c.search.eval_size = 512
     c.search.finetune_epochs = 1
     c.search.finetune_learning_rate = 0.01
-    c.search.ddpg.warmup_episodes = 64
+    c.search.ddpg.warmup_episodes = 100  # AMC
     c.bench = ml_collections.ConfigDict(dict(
         agents=("ppo", "ddpg"), seeds=(0, 1, 2),
         num_actors={"ppo": 16, "ddpg": 16},  # same episodes per update for both
-        final_window=64, finetune=True))
+        final_window=100, finetune=True))
     return c

@@ -85,7 +85,7 @@ def plot_reward_curves(path: str, curves: Mapping[str, Sequence[float]], title: 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, r) in enumerate(curves.items()):
         color = f"C{i % 10}"
-        ax.plot(smooth(r, window), color=color, label=f"{label} (mean of {window})")
+        ax.plot(smooth(r, window), color=color, label=f"{label} (mean of {window})" if window > 1 else label)
         if best:
             ax.plot(moving_best(r), color=color, linestyle="--", linewidth=0.8, label=f"{label} (best so far)")
     ax.set_xlabel("episode")
