@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-from jaxcompress.bench import overhead, speedup
+from jaxcompress.bench import overhead, peer, speedup
 from jaxcompress.errors import ConfigError
+from jaxcompress.pruning import bench as prune_bench
 from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.quant import bench as quant_bench
 from jaxcompress.quant.job import quantize
@@ -23,6 +24,8 @@ JOBS = {
     "stamp": stamp,
     "bench_overhead": overhead.run,
     "bench_prune_speedup": speedup.run,
+    "bench_single_layer": prune_bench.run,
+    "bench_peer_pruning": peer.run,
     "search": search,
     "bench_search_speed": rl_bench.speed,
     "bench_search_agents": rl_bench.agents,

@@ -19,9 +19,9 @@ def _num_params(tree):
 
 
 def test_zoo_sizes_are_what_we_think():
-    assert set(SMALL_MODELS) == {"lenet300_100", "lenet5", "vgg11", "vgg16", "vgg19", "resnet20", "resnet56",
+    assert set(SMALL_MODELS) == {"lenet300_100", "lenet5", "cnn4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet56",
                                  "resnet110", "mobilenet_v1_cifar", "mobilenet_v2_cifar"}
-    assert len(MODELS) == 17
+    assert len(MODELS) == 18
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -166,6 +166,40 @@ def test_lenet5_table_by_hand(zoo):
     assert params[("fc3", "kernel")] == (AxisGroup(3), None)
     assert params[("fc3", "bias")] == (None,)
     assert table.mask_paths(2) == (("fc1", "channel"),)
+
+
+def test_cnn4_table_and_parameters_by_hand(zoo):
+    """The Section 5.5 CNN: conv5x5(32)-pool-conv5x5(64)-pool-fc(256)-fc(10), SAME convs on 32x32x3."""
+    table = zoo.table("cnn4")
+    assert table.widths == (32, 64, 256)
+    assert [l.path for l in table.layers] == ["conv1", "conv2", "fc1", "fc2"]
+    rows = {l.path: l for l in table.layers}
+    expected = {  # (kind, kernel, out_hw, in_group, in_repeat, in_fixed, out_group, out_fixed)
+        "conv1": ("conv", (5, 5), (32, 32), -1, 1, 3, 0, 0),
+        "conv2": ("conv", (5, 5), (16, 16), 0, 1, 0, 1, 0),
+        "fc1": ("dense", (1, 1), (1, 1), 1, 64, 0, 2, 0),  # 8x8 positions x 64 channels flattened
+        "fc2": ("dense", (1, 1), (1, 1), 2, 1, 0, -1, 10),
+    }
+    for path, row in expected.items():
+        l = rows[path]
+        assert (l.kind, l.kernel_size, l.out_hw, l.in_group, l.in_repeat, l.in_fixed, l.out_group,
+                l.out_fixed) == row, path
+    # three prunable channel groups; the classifier's output is not one
+    assert table.group_names == ("conv1", "conv2", "fc1")
+    from jaxcompress.pruning import prunable_groups
+    assert prunable_groups(table, "all") == prunable_groups(table, "inner") == [0, 1, 2]
+    hand = (5 * 5 * 3 * 32 + 32) + (5 * 5 * 32 * 64 + 64) + (8 * 8 * 64 * 256 + 256) + (256 * 10 + 10)
+    assert hand == 1_105_098
+    assert _num_params(zoo.abstract_variables("cnn4")["params"]) == hand
+    assert float(cost.count(table)["params"]) == hand
+    # MACs: conv1 32*32*75*32, conv2 16*16*800*64, fc1 4096*256, fc2 256*10
+    assert float(cost.count(table)["macs"]) == 32 * 32 * 75 * 32 + 16 * 16 * 800 * 64 + 4096 * 256 + 2560
+    # width_multiplier 0.5 (the single-layer benchmark): 16-32-128
+    half = create_model("cnn4", 10, width_multiplier=0.5)
+    assert half.widths == (16, 32, 128)
+    x = jnp.zeros((1, 32, 32, 3))
+    n_half = _num_params(jax.eval_shape(lambda: half.init(jax.random.key(0), x))["params"])
+    assert n_half == (75 * 16 + 16) + (400 * 32 + 32) + (2048 * 128 + 128) + (128 * 10 + 10) == 277_610
 
 
 def test_resnet20_table_streams(zoo):

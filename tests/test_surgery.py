@@ -20,7 +20,7 @@ from jaxcompress.models import describe
 from jaxcompress.pruning import kept_indices, shrink
 
 SURGERY_MODELS = [
-    ("lenet5", None), ("lenet300_100", None), ("vgg11", None), ("vgg16", None), ("resnet20", None),
+    ("lenet5", None), ("lenet300_100", None), ("cnn4", None), ("vgg11", None), ("vgg16", None), ("resnet20", None),
     ("resnet56", None), ("mobilenet_v1_cifar", None), ("mobilenet_v2_cifar", None),
     ("resnet18", (64, 64, 3)),
 ]

@@ -21,20 +21,36 @@ from jaxcompress.pruning.surgery import shrink
 from jaxcompress.train.metrics import write_json
 
 
-def measure(name: str, flops_fraction: float, multiple: int, scope: str, batch: int, rounds: int) -> dict:
+def init_network(name: str, seed: int = 0):
+    """`(model, table, variables, input_shape)` of a freshly initialised zoo model."""
     shape = get_spec(name).input_shape
     model = create_model(name, 10)
     table = describe(model, shape)
-    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))()
-    groups = C.prunable_groups(table, scope)
-    ratio = C.keep_ratio_for_flops(table, flops_fraction, groups, multiple)
-    counts = C.keep_counts(table, ratio, groups, multiple)
+    variables = jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, *shape))))()
+    return model, table, variables, shape
+
+
+def l1_masks(table, variables, keep_ratio: float, scope: str, multiple: int):
+    """L1 channel pruning at one uniform keep ratio: `(counts, masks)`, the masks a full
+    `masks` collection (`variables["masks"]` with every group's channel mask set)."""
+    counts = C.keep_counts(table, keep_ratio, C.prunable_groups(table, scope), multiple)
     masks = table.layer_masks(C.masks_from_scores(C.channel_scores(table, variables, "l1"), counts),
                               variables["masks"])
+    return counts, masks
+
+
+def without_masks(variables) -> dict:
+    return {k: v for k, v in variables.items() if k != "masks"}
+
+
+def measure(name: str, flops_fraction: float, multiple: int, scope: str, batch: int, rounds: int) -> dict:
+    model, table, variables, shape = init_network(name)
+    ratio = C.keep_ratio_for_flops(table, flops_fraction, C.prunable_groups(table, scope), multiple)
+    counts, masks = l1_masks(table, variables, ratio, scope, multiple)
     small_model, small_vars = shrink(table, {**variables, "masks": masks})
-    plain = {k: v for k, v in variables.items() if k != "masks"}
-    lat = forward_latencies({"dense": (model, plain), "masked": (model, {**variables, "masks": masks}),
-                             "shrunk": (small_model, {k: v for k, v in small_vars.items() if k != "masks"})},
+    lat = forward_latencies({"dense": (model, without_masks(variables)),
+                             "masked": (model, {**variables, "masks": masks}),
+                             "shrunk": (small_model, without_masks(small_vars))},
                             shape, batch, rounds)
     flops_left = float(cost.count(table, counts)["macs"] / cost.count(table)["macs"])
     return dict(model=name, flops_budget=flops_fraction, multiple=multiple, scope=scope, keep_ratio=ratio,

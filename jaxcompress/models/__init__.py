@@ -1,4 +1,5 @@
 """Model zoo built from channel widths, each model's channel groups, the layer table."""
+from jaxcompress.models.cnn import CNN4
 from jaxcompress.models.lenet import LeNet5, LeNet300100
 from jaxcompress.models.mobilenet import MobileNetV1, MobileNetV2
 from jaxcompress.models.registry import (MODELS, ModelSpec, UnknownModelError, create_model, get_spec,
@@ -7,6 +8,6 @@ from jaxcompress.models.resnet import ResNet
 from jaxcompress.models.table import AxisGroup, LayerInfo, ModelTable, describe
 from jaxcompress.models.vgg import VGG
 
-__all__ = ["LeNet5", "LeNet300100", "MobileNetV1", "MobileNetV2", "ResNet", "VGG", "MODELS", "ModelSpec",
+__all__ = ["CNN4", "LeNet5", "LeNet300100", "MobileNetV1", "MobileNetV2", "ResNet", "VGG", "MODELS", "ModelSpec",
            "UnknownModelError", "create_model", "get_spec", "scale_widths", "AxisGroup", "LayerInfo",
            "ModelTable", "describe"]

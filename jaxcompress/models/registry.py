@@ -7,6 +7,7 @@ from typing import Callable
 import flax.linen as nn
 
 from jaxcompress.models import mobilenet, resnet, vgg
+from jaxcompress.models.cnn import CNN4
 from jaxcompress.models.lenet import LeNet5, LeNet300100
 
 MNIST_SHAPE, CIFAR_SHAPE, IMAGENET_SHAPE = (28, 28, 1), (32, 32, 3), (224, 224, 3)
@@ -45,6 +46,7 @@ def _mobilenet(cls, widths, small_input):
 MODELS: dict[str, ModelSpec] = {
     "lenet300_100": ModelSpec(lambda w, k: LeNet300100(widths=w, num_classes=k), (300, 100), MNIST_SHAPE),
     "lenet5": ModelSpec(lambda w, k: LeNet5(widths=w, num_classes=k), (6, 16, 120, 84), MNIST_SHAPE),
+    "cnn4": ModelSpec(lambda w, k: CNN4(widths=w, num_classes=k), (32, 64, 256), CIFAR_SHAPE),
     **{f"vgg{d}": _vgg(d, "cifar") for d in (11, 16, 19)},
     **{f"vgg{d}_imagenet": _vgg(d, "imagenet") for d in (11, 16, 19)},
     **{f"resnet{d}": _resnet(resnet.cifar_stage_sizes(d), (16, 32, 64)) for d in (20, 56, 110)},

@@ -68,6 +68,10 @@ def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, 
         eligible = set(lasso_groups(table))  # groups with a depthwise consumer are left whole
         groups = [g for g in groups if g in eligible]
         counts = C.keep_counts(table, ratios, groups, p.multiple)
+        # Groups left at their current width (not named in keep_ratios) are not touched: LASSO
+        # would otherwise refit their consumers too.
+        alive = [int(np.sum(np.asarray(m) > 0)) for m in table.group_masks(variables["masks"])]
+        groups = [g for g in groups if counts[g] < alive[g]]
         images, _ = sample_batch(exp, p.sample_size, config.seed)
         group_masks, new_vars = lasso_prune(table, variables, images, counts, groups=groups, seed=config.seed)
         params = new_vars["params"]
@@ -90,6 +94,24 @@ def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, 
         rates = {k: 1.0 - (1.0 - v) ** fraction for k, v in rates.items()}
         masks = C.element_masks(table, {"params": params}, rates, masks)
     return masks, params
+
+
+def shrink_and_finetune(config, exp, variables, workdir: str, num_epochs: int, learning_rate: float):
+    """Surgery, then fine-tuning: the masked network `variables` is rebuilt with its kept
+    widths (`shrink`) and trained `num_epochs` epochs on `exp.train` at `learning_rate`
+    (schedule, optimiser and batch size from `config.train`), resumable from
+    `<workdir>/checkpoints`. Returns `(small_exp, small_state)`, `small_exp` being `exp`
+    with the smaller model and its table."""
+    small_model, small_vars = shrink(exp.table, variables)
+    small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
+    ft = config.copy_and_resolve_references()
+    ft.train.learning_rate = learning_rate
+    ft.train.num_epochs = num_epochs
+    tx = make_optimizer(ft.train, steps_per_epoch(ft, small_exp))
+    small_state = create_train_state(small_model, tx, exp.input_shape, config.seed, variables=small_vars)
+    if num_epochs > 0:
+        small_state, _ = fit(ft, small_exp, small_state, workdir)
+    return small_exp, small_state
 
 
 def prune_and_finetune(config, workdir: str) -> dict:
@@ -122,13 +144,9 @@ def prune_and_finetune(config, workdir: str) -> dict:
     dense_cost = cost.summarize(exp.table)
     pruned_cost = cost.summarize(exp.table, masks, state.quant or None)
 
-    small_model, small_vars = shrink(exp.table, state.variables())
-    small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
-    ft.train.num_epochs = p.finetune_epochs
-    tx = make_optimizer(ft.train, steps_per_epoch(ft, small_exp))
-    small_state = create_train_state(small_model, tx, exp.input_shape, config.seed, variables=small_vars)
-    if p.finetune_epochs > 0:
-        small_state, _ = fit(ft, small_exp, small_state, os.path.join(workdir, "finetune"))
+    small_exp, small_state = shrink_and_finetune(config, exp, state.variables(), os.path.join(workdir, "finetune"),
+                                                 p.finetune_epochs, p.finetune_learning_rate)
+    small_model = small_exp.model
     small_eval = make_eval_fn(small_exp, config.train.eval_batch_size)
     final, final_val = small_eval(small_state, small_exp.test), small_eval(small_state, small_exp.val)
 
