@@ -24,7 +24,7 @@ from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink
 from jaxcompress.report import plot_layer_bars
 from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
-from jaxcompress.train.loop import fit, load_trained, make_eval_fn, steps_per_epoch, train_and_evaluate
+from jaxcompress.train.loop import fit, make_eval_fn, reference_state, steps_per_epoch
 from jaxcompress.train.metrics import write_json
 
 CRITERIA = C.CHANNEL_CRITERIA + ("lasso", "variational")
@@ -119,13 +119,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
     check_prune_config(config.prune)
     exp = setup_experiment(config)
     p = config.prune
-    if p.checkpoint:
-        state = load_trained(config, exp, p.checkpoint)
-    else:
-        pre_dir = os.path.join(workdir, "pretrain")
-        logging.info("no prune.checkpoint given: training the reference network into %s", pre_dir)
-        train_and_evaluate(config, pre_dir)
-        state = load_trained(config, exp, pre_dir)
+    state = reference_state(config, exp, p.checkpoint, workdir, "prune.checkpoint")
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense = evaluate(state, exp.test)
     prune_start = time.time()

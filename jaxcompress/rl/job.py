@@ -47,7 +47,7 @@ from jaxcompress.rl.evaluate import EVAL_MODES, make_prune_evaluator, make_quant
 from jaxcompress.rl.ppo import PPO, PPOConfig
 from jaxcompress.rl.search import COST_NORMS, REWARDS, channel_ranks, make_reward_fn, run_search
 from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
-from jaxcompress.train.loop import fit, load_trained, make_eval_fn, steps_per_epoch, train_and_evaluate
+from jaxcompress.train.loop import fit, load_trained, make_eval_fn, reference_state, steps_per_epoch
 from jaxcompress.train.metrics import write_json
 
 AGENTS = ("ppo", "ddpg")
@@ -206,13 +206,7 @@ def search(config, workdir: str) -> dict:
     table = exp.table
     groups = C.prunable_groups(table, s.scope)
     env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None)  # infeasible budget: fails here
-    if s.checkpoint:
-        state = load_trained(config, exp, s.checkpoint)
-    else:
-        pre_dir = os.path.join(workdir, "pretrain")
-        logging.info("no search.checkpoint given: training the reference network into %s", pre_dir)
-        train_and_evaluate(config, pre_dir)
-        state = load_trained(config, exp, pre_dir)
+    state = reference_state(config, exp, s.checkpoint, workdir, "search.checkpoint")
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense_test, dense_val = evaluate(state, exp.test), evaluate(state, exp.val)
     variables = state.variables()

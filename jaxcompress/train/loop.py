@@ -135,6 +135,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
 
 
+def reference_state(config, exp: Experiment, checkpoint: str, workdir: str, field: str) -> TrainState:
+    """The trained network a compression job starts from: `checkpoint` (a run's workdir)
+    if given, else one trained with `config` into `<workdir>/pretrain` first (`field`
+    names the config field in the log line)."""
+    if checkpoint:
+        return load_trained(config, exp, checkpoint)
+    pre_dir = os.path.join(workdir, "pretrain")
+    logging.info("no %s given: training the reference network into %s", field, pre_dir)
+    train_and_evaluate(config, pre_dir)
+    return load_trained(config, exp, pre_dir)
+
+
 def load_trained(config, exp: Experiment, directory: str) -> TrainState:
     """Restores the latest TrainState in `directory` (a `checkpoints/` or `best/` folder,
     or a run's workdir, in which case its `best/` checkpoint is used)."""
