@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
         criterion="l1", keep_ratio=0.5, keep_ratios={},  # keep_ratios: {group name: fraction} overrides
         allocation="uniform",  # uniform | global (one threshold over normalised scores)
         scope="inner",  # inner: leave residual streams whole | all
-        multiple=1,  # kept channel counts rounded to a multiple of this
+        multiple=ml_collections.config_dict.placeholder(int),  # kept channel counts: multiples of this;
+        # None (default): the backend's (8 on CPU/GPU, 128 on TPU; jaxcompress.pruning.align)
         element_rate=0.0, element_rates={},  # then magnitude-prune this fraction of each layer's weights
         # (element_rates: {layer path: fraction} overrides)
         iterations=1, iteration_epochs=2,  # gradual pruning: steps, masked fine-tune epochs between
@@ -38,7 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
         # criterion "variational": noise training (channel rate = 1 - keep_ratio; spatial_rate prunes kh x kw taps)
         variational=dict(spatial_rate=0.0, num_steps=500, beta=1.0, learning_rate=0.01, noise_learning_rate=0.01,
                          batch_size=128, include_dense=False, init_alpha=0.05),
-        finetune_epochs=5, finetune_learning_rate=0.01, latency_batch=128))
+        finetune_epochs=5, finetune_learning_rate=0.01, latency_batch=128,
+        # a fraction of the dense latency on this device (jaxcompress.latency, measured and cached): sets the
+        # uniform keep_ratio whose aligned widths meet it (0: keep_ratio as given)
+        latency_budget=0.0))
 
     # job "quantize" (jaxcompress.quant.job): PTQ or QAT, then packed export + checks
     c.quant = ml_collections.ConfigDict(dict(
@@ -76,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
         flops_budget=0.5,  # fraction of the dense FLOPs (AMC action wall)
         params_budget=0.0,  # optional fraction of the dense parameters, walled like FLOPs (0: none)
         a_min=0.0, a_max=0.8,  # pruning-rate bounds per group
-        multiple=1,  # kept channel counts rounded to multiples of this
+        multiple=ml_collections.config_dict.placeholder(int),  # kept counts: multiples of this (None: backend's)
         scope="inner",  # groups searched: inner (residual streams left whole) | all
         reward="acc",  # acc (R_acc) | flops (R_FLOPs) | log_flops (AMC); see jaxcompress.rl.search
         cost_norm="bounds",  # R_FLOPs's F_min/F_max: bounds (reachable range) | observed (so far)

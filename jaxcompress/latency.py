@@ -4,8 +4,10 @@ FLOPs are not time: on XLA a 50%-FLOPs network with odd widths can be slower tha
 the dense one. This module times each layer shape that a network at given widths
 contains (conv or dense + bias + ReLU, jitted, warm-up then median), caches the
 timings on disk keyed by device kind and JAX version, and predicts a network's
-latency as the sum of its layers' entries (plus a fitted constant per network for
-the ops outside conv/dense layers: pooling, residual adds). Hand-written: no
+latency as the sum of its layers' entries, scaled and offset by an affine fit to
+measured whole-network latencies (`LatencyModel`: the ops outside conv/dense layers,
+BatchNorm, pooling, residual adds, grow with the widths too). `LatencyGrid` is the
+same model as a jittable function of the widths, for the RL environment's wall. Hand-written: no
 library provides a JAX latency table.
 """
 from __future__ import annotations
@@ -20,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 
-from jaxcompress.bench.timing import interleaved_medians
+from jaxcompress.bench.timing import forward_latencies, interleaved_medians
+from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
 
 
@@ -100,10 +104,12 @@ class LatencyTable:
             os.replace(tmp, self.path)
 
     def measure(self, keys: Sequence[tuple], rounds: int = 3) -> None:
-        """Times every key not yet in the table (jitted, warm-up, medians)."""
+        """Times every key not yet in the table (jitted, warm-up, medians), saving as it goes."""
         missing = sorted({repr(k) for k in keys} - set(self.entries))
-        for k in missing:
+        for i, k in enumerate(tqdm(missing, desc="latency table", disable=None if len(missing) > 8 else True)):
             self.entries[k] = interleaved_medians({"f": _layer_fn(ast.literal_eval(k))}, rounds=rounds, calls=3)["f"]
+            if (i + 1) % 16 == 0:
+                self.save()  # an interrupted build keeps what it measured
         if missing:
             self.save()
 
@@ -112,3 +118,134 @@ class LatencyTable:
         keys = layer_shapes(table, widths, batch)
         self.measure(keys)
         return float(sum(self.entries[repr(k)] for k in keys))
+
+
+def random_variables(model, input_shape: tuple, seed: int = 0) -> dict:
+    """Variables with `model.init`'s shapes drawn with numpy (no init compile): for
+    timing, where the values do not matter."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, a):  # He-normal kernels, unit scales / variances / masks, zero shifts
+        if len(a.shape) >= 2 and path[-1].key == "kernel":
+            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / np.prod(a.shape[:-1])), a.shape), a.dtype)
+        ones = path[0].key == "masks" or path[-1].key in ("scale", "var")
+        return jnp.ones(a.shape, a.dtype) if ones else jnp.zeros(a.shape, a.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def measure_networks(table: ModelTable, widths_list: Sequence[Sequence[int]], batch: int,
+                     rounds: int = 3) -> list[float]:
+    """Measured forward seconds per batch of the network at each widths vector
+    (jitted, interleaved medians; masks all ones)."""
+    nets = {}
+    for i, w in enumerate(widths_list):
+        model = table.model.clone(widths=tuple(int(v) for v in w))
+        nets[str(i)] = (model, random_variables(model, table.input_shape, i))
+    lat = forward_latencies(nets, table.input_shape, batch, rounds)
+    return [lat[str(i)] for i in range(len(widths_list))]
+
+
+@dataclasses.dataclass
+class LatencyModel:
+    """Predicted seconds per forward batch of `table`'s network at any widths:
+    `scale * sum(layer entries) + offset`, the affine map fitted by least squares to
+    measured whole-network latencies (`fit`); scale 1, offset 0 before fitting."""
+
+    lut: LatencyTable
+    table: ModelTable
+    batch: int
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def layer_sum(self, widths: Sequence[int]) -> float:
+        return self.lut.predict(self.table, widths, self.batch)
+
+    def __call__(self, widths: Sequence[int]) -> float:
+        return self.scale * self.layer_sum(widths) + self.offset
+
+    def fraction(self, widths: Sequence[int]) -> float:
+        """Predicted latency as a fraction of the dense network's."""
+        return self(widths) / self(self.table.widths)
+
+    def fit(self, widths_list: Sequence[Sequence[int]], rounds: int = 3) -> "LatencyModel":
+        """Fits (scale, offset) to the measured latency at these widths (>= 2 vectors)."""
+        measured = np.asarray(measure_networks(self.table, widths_list, self.batch, rounds))
+        sums = np.asarray([self.layer_sum(w) for w in widths_list])
+        A = np.stack([sums, np.ones_like(sums)], 1)
+        self.scale, self.offset = (float(v) for v in np.linalg.lstsq(A, measured, rcond=None)[0])
+        return self
+
+
+def latency_model(table: ModelTable, batch: int, groups: Sequence[int], min_widths: Sequence[int],
+                  path: str | None = None) -> LatencyModel:
+    """A `LatencyModel` for `table` on this device: the cached layer table (built as
+    needed), fitted on the dense network and on `min_widths` (the smallest widths
+    the caller allows) and their midpoint."""
+    mid = [int(a) if g not in groups else int(round((a + b) / 2)) for g, (a, b) in
+           enumerate(zip(table.widths, min_widths))]
+    return LatencyModel(LatencyTable.load(path), table, batch).fit([list(table.widths), mid, list(min_widths)])
+
+
+def check_latency_budget(budget: float, name: str) -> None:
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError(f"{name}={budget:g} must be a fraction of the dense network's latency in (0, 1] "
+                          f"(or 0 for none)")
+
+
+class LatencyGrid:
+    """`LatencyModel` as a jittable function of the (float) group widths, for in-graph
+    budgets (the RL environment's wall): each conv/dense layer's entry is tabulated on
+    a grid of at most `max_points` allowed counts per channel group (from
+    `counts[g]`, ascending, both ends kept) and interpolated bilinearly in (input,
+    output) channels between grid points; at grid points it equals the table."""
+
+    def __init__(self, model: LatencyModel, counts: Sequence[Sequence[int]], max_points: int = 6):
+        table = model.table
+        self.scale, self.offset = model.scale, model.offset
+        self.axes = []
+        for c in counts:
+            c = np.asarray(sorted(set(int(v) for v in c)), np.float64)
+            if c.size > max_points:
+                c = c[np.unique(np.round(np.linspace(0, c.size - 1, max_points)).astype(int))]
+            self.axes.append(c)
+        self.layers = []
+        keys_needed = []
+        for li, layer in enumerate(table.layers):
+            ax_in = self.axes[layer.in_group] if layer.in_group >= 0 else np.asarray([0.0])
+            ax_out = self.axes[layer.out_group] if layer.out_group >= 0 else np.asarray([0.0])
+            grid_keys = [[None] * len(ax_out) for _ in ax_in]
+            for i, ci in enumerate(ax_in):
+                for j, co in enumerate(ax_out):
+                    w = list(table.widths)
+                    if layer.in_group >= 0:
+                        w[layer.in_group] = int(ci)
+                    if layer.out_group >= 0:
+                        w[layer.out_group] = int(co)
+                    grid_keys[i][j] = layer_shapes(table, w, model.batch)[li]
+                    keys_needed.append(grid_keys[i][j])
+            self.layers.append((layer.in_group, layer.out_group, ax_in, ax_out, grid_keys))
+        model.lut.measure(keys_needed)
+        self.values = [np.asarray([[model.lut.entries[repr(k)] for k in row] for row in keys], np.float64)
+                       for *_, keys in self.layers]
+
+    @staticmethod
+    def _interp_index(axis: np.ndarray, x):
+        if axis.size == 1:
+            return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        i = jnp.clip(jnp.searchsorted(jnp.asarray(axis, jnp.float32), x, side="right") - 1, 0, axis.size - 2)
+        lo, hi = jnp.asarray(axis, jnp.float32)[i], jnp.asarray(axis, jnp.float32)[i + 1]
+        return i, jnp.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+    def __call__(self, widths):
+        """Predicted seconds per batch at these group widths (jnp; jittable, vmappable)."""
+        widths = jnp.asarray(widths, jnp.float32)
+        total = 0.0
+        for (gi, go, ax_in, ax_out, _), v in zip(self.layers, self.values):
+            v = jnp.asarray(np.pad(v, ((0, ax_in.size == 1), (0, ax_out.size == 1)), mode="edge"), jnp.float32)
+            i, fi = self._interp_index(ax_in, widths[gi] if gi >= 0 else 0.0)
+            j, fj = self._interp_index(ax_out, widths[go] if go >= 0 else 0.0)
+            total = total + ((1 - fi) * (1 - fj) * v[i, j] + fi * (1 - fj) * v[i + 1, j]
+                             + (1 - fi) * fj * v[i, j + 1] + fi * fj * v[i + 1, j + 1])
+        return self.scale * total + self.offset

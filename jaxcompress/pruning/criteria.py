@@ -15,7 +15,7 @@ LASSO channel selection lives in `lasso.py`, variational pruning in `variational
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
+from jaxcompress.pruning import align
 
 CHANNEL_CRITERIA = ("l1", "l2", "bn", "snip", "random")
 SCOPES = ("all", "inner")
@@ -91,8 +92,10 @@ def prunable_groups(table: ModelTable, scope: str = "all") -> list[int]:
 
 
 def keep_counts(table: ModelTable, keep_ratio: float | Mapping[str, float], groups: Sequence[int] | None = None,
-                multiple: int = 1) -> list[int]:
-    """Channels to keep per group: round(width * ratio) to a multiple of `multiple`.
+                multiple: int | None = 1) -> list[int]:
+    """Channels to keep per group: round(width * ratio), aligned to the group's channel
+    multiple (`align.group_multiples`: an integer for every group, or None for the
+    backend's), never 0 and never above the width.
 
     `keep_ratio` is one fraction in (0, 1] for every group in `groups` (default all)
     or a {group name: fraction} dict; groups not named keep every channel.
@@ -106,18 +109,16 @@ def keep_counts(table: ModelTable, keep_ratio: float | Mapping[str, float], grou
         ratios = {names.index(k): float(v) for k, v in keep_ratio.items()}
     else:
         ratios = {g: float(keep_ratio) for g in groups}
-    if multiple < 1:
-        raise ConfigError(f"channel multiple must be >= 1, got {multiple}")
+    mults = align.group_multiples(table.widths, sorted(ratios), multiple)
     counts = list(table.widths)
     for g, r in ratios.items():
         if not 0.0 < r <= 1.0:
             raise ConfigError(f"keep ratio {r:g} for group {names[g]} is outside (0, 1]")
         w = table.widths[g]
-        k = min(w, int(round(w * r / multiple)) * multiple)
-        if k < 1:
+        if int(round(w * r)) < 1:
             raise ConfigError(f"keep ratio {r:g} would remove every channel of group {names[g]} "
-                              f"(width {w}, multiple {multiple}); raise the ratio")
-        counts[g] = k
+                              f"(width {w}); raise the ratio")
+        counts[g] = align.aligned(w, w * r, mults[g])
     return counts
 
 
@@ -133,18 +134,20 @@ def masks_from_scores(scores: Sequence[np.ndarray], counts: Sequence[int]) -> li
 
 
 def global_counts(table: ModelTable, scores: Sequence[np.ndarray], keep_ratio: float,
-                  groups: Sequence[int] | None = None) -> list[int]:
+                  groups: Sequence[int] | None = None, multiple: int | None = 1) -> list[int]:
     """Global allocation: one threshold over every group's scores, each normalised by
-    its group's mean, keeping `keep_ratio` of all prunable channels (>= 1 per group)."""
+    its group's mean, keeping `keep_ratio` of all prunable channels; each group's count
+    is then aligned to its channel multiple (`align.aligned`, >= 1 per group)."""
     if not 0.0 < keep_ratio <= 1.0:
         raise ConfigError(f"keep ratio {keep_ratio:g} is outside (0, 1]")
     groups = list(range(table.num_groups)) if groups is None else list(groups)
     normed = np.concatenate([np.asarray(scores[g]) / (np.mean(scores[g]) + 1e-12) for g in groups])
     owner = np.concatenate([np.full(table.widths[g], g) for g in groups])
     keep = np.argsort(-normed, kind="stable")[:max(len(groups), int(round(keep_ratio * normed.size)))]
+    mults = align.group_multiples(table.widths, groups, multiple)
     counts = list(table.widths)
     for g in groups:
-        counts[g] = max(1, int(np.sum(owner[keep] == g)))
+        counts[g] = align.aligned(table.widths[g], int(np.sum(owner[keep] == g)), mults[g])
     return counts
 
 
@@ -177,23 +180,42 @@ def element_masks(table: ModelTable, variables: Mapping, rate: float | Mapping[s
     return traverse_util.unflatten_dict(out)
 
 
-def keep_ratio_for_flops(table: ModelTable, flops_fraction: float, groups: Sequence[int] | None = None,
-                         multiple: int = 1, iters: int = 40) -> float:
-    """Largest uniform keep ratio whose rounded widths meet `flops_fraction` of the dense
-    FLOPs (bisection over the exact cost model)."""
-    from jaxcompress import cost
-    dense = float(cost.count(table)["macs"])
-    flops = lambda r: float(cost.count(table, keep_counts(table, r, groups, multiple))["macs"]) / dense
+def keep_ratio_for_budget(table: ModelTable, fraction: float, cost_fraction: Callable[[list[int]], float],
+                          groups: Sequence[int] | None = None, multiple: int | None = 1, iters: int = 40,
+                          what: str = "FLOPs") -> float:
+    """Largest uniform keep ratio whose aligned counts (`keep_counts`) have
+    `cost_fraction(counts) <= fraction` (bisection; each distinct count vector is
+    costed once, so an expensive cost such as measured latency is cheap to search).
+    A budget that the smallest allowed widths cannot meet is a clear error."""
     groups = list(range(table.num_groups)) if groups is None else list(groups)
-    lowest = max(min(multiple, table.widths[g]) / table.widths[g] for g in groups)
-    if flops(lowest) > flops_fraction:
-        raise ConfigError(f"a FLOPs budget of {flops_fraction:.1%} cannot be met: pruning every prunable group "
-                          f"to its minimum leaves {flops(lowest):.1%}; prune more groups (prune.scope=all) "
-                          f"or raise the budget")
+    memo = {}
+
+    def cost(r):
+        counts = tuple(keep_counts(table, r, groups, multiple))
+        if counts not in memo:
+            memo[counts] = float(cost_fraction(list(counts)))
+        return memo[counts]
+
+    mults = align.group_multiples(table.widths, groups, multiple)
+    lowest = max(mults[g] / table.widths[g] for g in groups)
+    if cost(lowest) > fraction:
+        raise ConfigError(f"a {what} budget of {fraction:.1%} cannot be met: pruning every prunable group "
+                          f"to its minimum leaves {cost(lowest):.1%}; prune more groups (prune.scope=all), "
+                          f"lower the channel multiple, or raise the budget")
     lo, hi = lowest, 1.0
-    if flops(hi) <= flops_fraction:
+    if cost(hi) <= fraction:
         return hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if flops(mid) <= flops_fraction else (lo, mid)
+        lo, hi = (mid, hi) if cost(mid) <= fraction else (lo, mid)
     return lo
+
+
+def keep_ratio_for_flops(table: ModelTable, flops_fraction: float, groups: Sequence[int] | None = None,
+                         multiple: int | None = 1, iters: int = 40) -> float:
+    """Largest uniform keep ratio whose aligned widths meet `flops_fraction` of the dense
+    FLOPs (bisection over the exact cost model)."""
+    from jaxcompress import cost
+    dense = float(cost.count(table)["macs"])
+    return keep_ratio_for_budget(table, flops_fraction, lambda c: float(cost.count(table, c)["macs"]) / dense,
+                                 groups, multiple, iters, "FLOPs")

@@ -19,7 +19,9 @@ from jaxcompress import cost
 from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
+from jaxcompress.latency import check_latency_budget
 from jaxcompress.models import describe
+from jaxcompress.pruning import align
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink
 from jaxcompress.report import plot_layer_bars
@@ -37,11 +39,30 @@ def check_prune_config(cfg) -> None:
         raise ConfigError(f"unknown prune.allocation '{cfg.allocation}'; choose uniform or global")
     if not 0.0 < cfg.keep_ratio <= 1.0:
         raise ConfigError(f"prune.keep_ratio={cfg.keep_ratio:g} is outside (0, 1]")
+    if cfg.latency_budget:
+        check_latency_budget(cfg.latency_budget, "prune.latency_budget")
+        if cfg.keep_ratios or cfg.allocation != "uniform" or cfg.latency_batch < 1:
+            raise ConfigError("prune.latency_budget sets one uniform keep ratio: leave prune.keep_ratios empty, "
+                              "use prune.allocation=uniform and a prune.latency_batch >= 1")
     if cfg.iterations < 1:
         raise ConfigError(f"prune.iterations must be >= 1, got {cfg.iterations}")
     if cfg.iterations > 1 and cfg.criterion in ("lasso", "variational"):
         raise ConfigError(f"gradual pruning (prune.iterations > 1) needs a score criterion, not "
                           f"'{cfg.criterion}'; set --config.prune.iterations=1")
+
+
+def latency_keep_ratio(config, exp) -> tuple[float, float]:
+    """`(keep_ratio, predicted latency fraction)`: the largest uniform keep ratio whose
+    aligned widths meet `prune.latency_budget` of the dense latency on this device
+    (batch `prune.latency_batch`), by the fitted `LatencyModel` (jaxcompress.latency)."""
+    from jaxcompress.latency import latency_model
+    p = config.prune
+    groups = C.prunable_groups(exp.table, p.scope)
+    mults = align.group_multiples(exp.table.widths, groups, p.multiple)
+    lowest = C.keep_counts(exp.table, max(mults[g] / exp.table.widths[g] for g in groups), groups, p.multiple)
+    model = latency_model(exp.table, p.latency_batch, groups, lowest)
+    ratio = C.keep_ratio_for_budget(exp.table, p.latency_budget, model.fraction, groups, p.multiple, what="latency")
+    return ratio, model.fraction(C.keep_counts(exp.table, ratio, groups, p.multiple))
 
 
 def sample_batch(exp, size: int, seed: int):
@@ -84,7 +105,7 @@ def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, 
         scores = C.channel_scores(table, variables, p.criterion, batch=batch, seed=config.seed)
         scores = [s * (np.asarray(m) > 0) for s, m in zip(scores, table.group_masks(variables["masks"]))]
         if p.allocation == "global" and not p.keep_ratios:
-            counts = C.global_counts(table, scores, p.keep_ratio ** fraction, groups)
+            counts = C.global_counts(table, scores, p.keep_ratio ** fraction, groups, p.multiple)
         else:
             counts = C.keep_counts(table, ratios, groups, p.multiple)
         masks = table.layer_masks(C.masks_from_scores(scores, counts), variables["masks"])
@@ -118,6 +139,12 @@ def prune_and_finetune(config, workdir: str) -> dict:
     wall_start = time.time()
     check_prune_config(config.prune)
     exp = setup_experiment(config)
+    predicted = None
+    if config.prune.latency_budget:  # before any training: an infeasible budget fails here
+        config = config.copy_and_resolve_references()
+        config.prune.keep_ratio, predicted = latency_keep_ratio(config, exp)
+        logging.info("latency budget %.0f%%: keep ratio %.3f (predicted %.1f%% of the dense latency)",
+                     100 * config.prune.latency_budget, config.prune.keep_ratio, 100 * predicted)
     p = config.prune
     state = reference_state(config, exp, p.checkpoint, workdir, "prune.checkpoint")
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
@@ -165,6 +192,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
         bytes_dense=dense_cost["totals"]["bytes"], bytes_pruned=pruned_cost["totals"]["bytes"],
         widths_dense=list(exp.table.widths), widths_pruned=pruned_cost["widths"], groups=list(names),
         latency_s={k: v for k, v in latency.items()}, latency_batch=p.latency_batch,
+        latency_budget=p.latency_budget or None, latency_predicted_fraction=predicted,
         speedup_shrunk=latency["dense"] / latency["shrunk"] if latency else None,
         speedup_masked=latency["dense"] / latency["masked"] if latency else None,
         prune_time_s=prune_time, wall_time_s=time.time() - wall_start,

@@ -45,6 +45,7 @@ from flax import struct, traverse_util
 from jaxcompress import cost
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
+from jaxcompress.pruning import align
 
 FEATURES = ("index", "c_out", "c_in", "kernel_h", "kernel_w", "stride", "bound_lo", "bound_hi", "flops",
             "flops_rest", "reduced", "prev_action")
@@ -131,15 +132,22 @@ class PruneEnv(CompressionEnv):
       flops_budget: fraction of the dense network's FLOPs the episode must end within.
       a_min, a_max: pruning-rate bounds (fractions of a group's channels removed).
       groups: the groups to prune (steps), default every group; taken in network order.
-      multiple: kept channel counts are multiples of this (or the full width).
+      multiple: kept channel counts are multiples of this (or the full width); None:
+        the backend's multiple per group (`jaxcompress.pruning.align`).
       params_budget: optional second budget, a fraction of the dense parameters; the
         wall then caps each action by both (each is affine in one group's width).
+      latency_model, latency_budget: optional third budget, a fraction of the dense
+        network's latency predicted by this `jaxcompress.latency.LatencyModel`. Latency
+        is not affine in a width (alignment!), so its wall tries every allowed count
+        of the group (later groups at their lowest) on the model's in-graph
+        `LatencyGrid` and keeps the largest that fits.
     """
 
     kind = "prune"
 
     def __init__(self, table: ModelTable, flops_budget: float, a_min: float = 0.0, a_max: float = 0.8,
-                 groups: Sequence[int] | None = None, multiple: int = 1, params_budget: float | None = None):
+                 groups: Sequence[int] | None = None, multiple: int | None = 1, params_budget: float | None = None,
+                 latency_model=None, latency_budget: float | None = None):
         check_prune_bounds(flops_budget, a_min, a_max, multiple)
         if params_budget is not None and not 0.0 < params_budget <= 1.0:
             raise ConfigError(f"search.params_budget={params_budget:g} must be a fraction of the dense "
@@ -155,11 +163,11 @@ class PruneEnv(CompressionEnv):
         if self.groups.size == 0:
             raise ConfigError("no prunable channel group in this network; choose another model or scope")
         self.num_steps = T = int(self.groups.size)
-        self.multiple = int(multiple)
         self.a_min, self.a_max = float(a_min), float(a_max)
         self.widths = np.asarray(table.widths, np.float32)
         W = self.widths[self.groups].astype(np.float64)
-        m = float(multiple)
+        self.multiples = m = np.asarray(align.group_multiples(table.widths, self.groups, multiple),
+                                        np.float64)[self.groups]  # (T,)
         self.k_lo = np.clip(np.round(W * (1 - a_max) / m) * m, np.minimum(m, W), W)
         self.k_hi = np.clip(np.round(W * (1 - a_min) / m) * m, self.k_lo, W)
         self.low = np.full(T, self.a_min, np.float32)
@@ -191,6 +199,9 @@ class PruneEnv(CompressionEnv):
                     f"a_max={a_max:g} leaves {p_min / self.params_dense:.1%} of the parameters; raise search.a_max "
                     f"or search.params_budget, or search more groups (search.scope=all)")
         self._check_affine()
+        self.latency = None
+        if latency_budget:
+            self._init_latency(latency_model, float(latency_budget), a_max)
         # Static features: geometry of each group's first producer, bounds, the group's FLOPs, the rest.
         group_flops = np.zeros(table.num_groups)
         for i, layer in enumerate(table.layers):
@@ -204,6 +215,29 @@ class PruneEnv(CompressionEnv):
         self.step_flops = step_flops
         # later[t, g]: group g is decided after step t (assumed at its lowest count by the wall).
         self.later = (self.step_of_group[None, :] > np.arange(T)[:, None]) & (self.step_of_group[None, :] < T)
+
+    def _init_latency(self, model, budget: float, a_max: float):
+        from jaxcompress.latency import LatencyGrid, check_latency_budget
+        check_latency_budget(budget, "search.latency_budget")
+        if model is None:
+            raise ValueError("PruneEnv: a latency_budget needs a latency_model (jaxcompress.latency.latency_model)")
+        counts = [[int(w)] for w in self.table.widths]
+        for t, g in enumerate(self.groups):
+            counts[g] = align.candidates(int(self.widths[g]), int(self.multiples[t]), int(self.k_lo[t])).tolist()
+        self.latency = LatencyGrid(model, counts)
+        # the wall tries every allowed count of the step's group: (T, K) padded with -1
+        K = max(len(counts[g]) for g in self.groups)
+        self.cands = np.full((self.num_steps, K), -1.0, np.float32)
+        for t, g in enumerate(self.groups):
+            self.cands[t, :len(counts[g])] = counts[g]
+        self.latency_dense = float(self.latency(self.widths))
+        self.latency_budget = budget * self.latency_dense
+        lat_min = float(self.latency(self.min_widths))
+        if lat_min > self.latency_budget * (1 + 1e-6):
+            raise ConfigError(
+                f"a latency budget of {budget:.1%} cannot be met: pruning every searched group at a_max={a_max:g} "
+                f"leaves {lat_min / self.latency_dense:.1%} of the dense latency on this device; raise "
+                f"search.a_max or search.latency_budget, or search more groups (search.scope=all)")
 
     # -- cost ----------------------------------------------------------------------
     def flops(self, widths):
@@ -237,7 +271,7 @@ class PruneEnv(CompressionEnv):
     def keep_count(self, t, rate):
         """Channels kept by group step t at pruning `rate` (rounded, clipped to the bounds)."""
         W = jnp.asarray(self.widths[self.groups])[t]
-        m = float(self.multiple)
+        m = jnp.asarray(self.multiples, jnp.float32)[t]
         k = jnp.round(W * (1.0 - rate) / m) * m
         return jnp.clip(k, jnp.asarray(self.k_lo, jnp.float32)[t], jnp.asarray(self.k_hi, jnp.float32)[t])
 
@@ -254,8 +288,13 @@ class PruneEnv(CompressionEnv):
         k_max = cap(self.flops, self.budget)
         if self.params_budget is not None:
             k_max = jnp.minimum(k_max, cap(self.params, self.params_budget))
-        m = float(self.multiple)
+        m = jnp.asarray(self.multiples, jnp.float32)[t]
         k_wall = jnp.floor(k_max / m) * m
+        if self.latency is not None:
+            cands = jnp.asarray(self.cands)[t]
+            lat = jax.vmap(lambda c: self.latency(assumed.at[g].set(c)))(cands)
+            fits = (cands > 0) & (lat <= self.latency_budget * (1.0 - 1e-6))
+            k_wall = jnp.minimum(k_wall, jnp.max(jnp.where(fits, cands, 0.0)))
         return jnp.maximum(jnp.minimum(k, k_wall), jnp.asarray(self.k_lo, jnp.float32)[t])
 
     def step(self, state: EnvState, a_norm) -> EnvState:
@@ -268,8 +307,11 @@ class PruneEnv(CompressionEnv):
 
     def result(self, state: EnvState) -> dict:
         c = cost.count(self.table, state.values)
-        return dict(values=state.values, actions=state.actions, cost=c["flops"], params=c["params"],
-                    cost_ratio=c["flops"] / self.flops_dense, params_ratio=c["params"] / self.params_dense)
+        out = dict(values=state.values, actions=state.actions, cost=c["flops"], params=c["params"],
+                   cost_ratio=c["flops"] / self.flops_dense, params_ratio=c["params"] / self.params_dense)
+        if self.latency is not None:
+            out["latency_ratio"] = self.latency(state.values) / self.latency_dense
+        return out
 
     # -- masks ---------------------------------------------------------------------
     def group_masks(self, ranks: Sequence[np.ndarray], widths) -> list[jax.Array]:
@@ -374,7 +416,7 @@ def backoff(bits, weights, budget: float, b_min: int):
     return out
 
 
-def check_prune_bounds(flops_budget: float, a_min: float, a_max: float, multiple: int = 1) -> None:
+def check_prune_bounds(flops_budget: float, a_min: float, a_max: float, multiple: int | None = 1) -> None:
     if not 0.0 < flops_budget <= 1.0:
         raise ConfigError(f"search.flops_budget={flops_budget:g} must be a fraction of the dense FLOPs in (0, 1]")
     if not 0.0 <= a_min < 1.0 or not 0.0 <= a_max < 1.0:
@@ -382,8 +424,8 @@ def check_prune_bounds(flops_budget: float, a_min: float, a_max: float, multiple
     if a_min > a_max:
         raise ConfigError(f"search.a_min={a_min:g} > search.a_max={a_max:g}; the lower pruning-rate bound must "
                           f"not exceed the upper one")
-    if multiple < 1:
-        raise ConfigError(f"search.multiple={multiple} must be >= 1")
+    if multiple is not None and multiple < 1:
+        raise ConfigError(f"search.multiple={multiple} must be >= 1 (or None: the backend's)")
 
 
 def check_bits_bounds(bits_budget: float, b_min: int, b_max: int) -> None:
