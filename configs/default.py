@@ -79,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
         episodes=400,  # stage-1 episodes (rounded up to a multiple of num_actors)
         flops_budget=0.5,  # fraction of the dense FLOPs (AMC action wall)
         params_budget=0.0,  # optional fraction of the dense parameters, walled like FLOPs (0: none)
+        latency_budget=0.0,  # optional fraction of the dense latency on this device (jaxcompress.latency; 0: none)
         a_min=0.0, a_max=0.8,  # pruning-rate bounds per group
         multiple=ml_collections.config_dict.placeholder(int),  # kept counts: multiples of this (None: backend's)
         scope="inner",  # groups searched: inner (residual streams left whole) | all

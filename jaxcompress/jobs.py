@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from jaxcompress.bench import overhead, peer, speedup
+from jaxcompress.bench import hardware, overhead, peer, speedup
 from jaxcompress.errors import ConfigError
 from jaxcompress.pruning import bench as prune_bench
 from jaxcompress.pruning.job import prune_and_finetune
@@ -26,6 +26,8 @@ JOBS = {
     "bench_prune_speedup": speedup.run,
     "bench_single_layer": prune_bench.run,
     "bench_peer_pruning": peer.run,
+    "bench_latency_budget": hardware.latency_budget,
+    "bench_latency_predictor": hardware.predictor,
     "search": search,
     "bench_search_speed": rl_bench.speed,
     "bench_search_agents": rl_bench.agents,

@@ -139,12 +139,18 @@ def measure_networks(table: ModelTable, widths_list: Sequence[Sequence[int]], ba
                      rounds: int = 3) -> list[float]:
     """Measured forward seconds per batch of the network at each widths vector
     (jitted, interleaved medians; masks all ones)."""
-    nets = {}
-    for i, w in enumerate(widths_list):
-        model = table.model.clone(widths=tuple(int(v) for v in w))
-        nets[str(i)] = (model, random_variables(model, table.input_shape, i))
-    lat = forward_latencies(nets, table.input_shape, batch, rounds)
+    lat = measured_latency({str(i): table.model.clone(widths=tuple(int(v) for v in w))
+                            for i, w in enumerate(widths_list)}, table.input_shape, batch, rounds)
     return [lat[str(i)] for i in range(len(widths_list))]
+
+
+def measured_latency(models: dict, input_shape: tuple, batch: int, rounds: int = 5) -> dict[str, float]:
+    """Measured forward seconds per batch of each `name -> model` (random weights of
+    the model's shapes; jitted, interleaved medians); {} when `batch` is 0 (off)."""
+    if not batch:
+        return {}
+    nets = {k: (m, random_variables(m, input_shape, i)) for i, (k, m) in enumerate(models.items())}
+    return forward_latencies(nets, input_shape, batch, rounds)
 
 
 @dataclasses.dataclass

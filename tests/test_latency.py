@@ -9,7 +9,7 @@ import pytest
 
 from jaxcompress import latency
 from jaxcompress.errors import ConfigError
-from jaxcompress.latency import LatencyGrid, LatencyModel, LatencyTable, device_key, layer_shapes
+from jaxcompress.latency import LatencyGrid, LatencyModel, LatencyTable, device_key, latency_model, layer_shapes
 from jaxcompress.models import create_model, describe
 from jaxcompress.pruning import align
 from jaxcompress.pruning import criteria as C
@@ -158,3 +158,24 @@ def test_prune_job_meets_a_latency_budget(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="cannot be met"):
         prune_and_finetune(c, str(tmp_path / "run2"))
     assert not os.path.exists(tmp_path / "run2" / "pretrain")
+
+
+def test_search_job_keeps_a_latency_budget(tmp_path, monkeypatch):
+    from configs import quickstart
+    from jaxcompress.rl.job import search
+    monkeypatch.setenv("JAXCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(LatencyTable, "measure", FormulaTable.measure)
+    monkeypatch.setattr(latency, "measure_networks", lambda table, ws, batch, rounds=3: [
+        sum(FormulaTable.formula(k) for k in layer_shapes(table, w, batch)) for w in ws])
+    c = quickstart.get_config()
+    c.job, c.train.num_epochs, c.prune.latency_batch = "search", 1, 32
+    s = c.search
+    s.num_actors, s.episodes, s.eval_size, s.scope, s.a_max = 4, 8, 100, "all", 0.9
+    s.flops_budget, s.latency_budget, s.finetune_epochs, s.quant.episodes = 1.0, 0.5, 0, 0
+    out = search(c, str(tmp_path / "run"))
+    stage1 = out["stage1"]
+    assert stage1["latency_budget"] == 0.5 and stage1["latency_predicted_ratio"] <= 0.5
+    lat = latency_model(describe(create_model("lenet5", 10), (28, 28, 1)), 32, [0, 1, 2, 3], [2, 8, 8, 8])
+    # the in-graph grid interpolates between its points: the exact model agrees closely
+    assert lat.fraction(stage1["widths"]) <= 0.5 * 1.05
+    assert set(stage1["latency_s"]) == {"dense", "shrunk"}

@@ -24,4 +24,5 @@ def get_config():
     c.prune.iteration_epochs = 2
     c.prune.finetune_epochs = 12
     c.prune.finetune_learning_rate = 0.02
+    c.prune.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded row)
     return c

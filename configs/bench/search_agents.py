@@ -28,4 +28,5 @@ def get_config():
         agents=("ppo", "ddpg"), seeds=(0, 1, 2),
         num_actors={"ppo": 16, "ddpg": 16},  # same episodes per update for both
         final_window=100, finetune=True))
+    c.search.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded row)
     return c

@@ -43,29 +43,41 @@ def without_masks(variables) -> dict:
     return {k: v for k, v in variables.items() if k != "masks"}
 
 
-def measure(name: str, flops_fraction: float, multiple: int, scope: str, batch: int, rounds: int) -> dict:
+def measure(name: str, flops_fraction: float, multiple: int | None, scope: str, batch: int, rounds: int,
+            keep_ratio: float | None = None, masked: bool = True) -> dict:
+    """One row: L1 pruning of `name` at the uniform keep ratio meeting `flops_fraction`
+    of the FLOPs (or at `keep_ratio` when given), widths aligned to `multiple`; measured
+    latency of the dense, masked (if `masked`) and shrunk networks."""
     model, table, variables, shape = init_network(name)
-    ratio = C.keep_ratio_for_flops(table, flops_fraction, C.prunable_groups(table, scope), multiple)
+    groups = C.prunable_groups(table, scope)
+    ratio = keep_ratio or C.keep_ratio_for_flops(table, flops_fraction, groups, multiple)
     counts, masks = l1_masks(table, variables, ratio, scope, multiple)
     small_model, small_vars = shrink(table, {**variables, "masks": masks})
-    lat = forward_latencies({"dense": (model, without_masks(variables)),
-                             "masked": (model, {**variables, "masks": masks}),
-                             "shrunk": (small_model, without_masks(small_vars))},
-                            shape, batch, rounds)
+    nets = {"dense": (model, without_masks(variables)), "shrunk": (small_model, without_masks(small_vars))}
+    if masked:
+        nets["masked"] = (model, {**variables, "masks": masks})
+    lat = forward_latencies(nets, shape, batch, rounds)
     flops_left = float(cost.count(table, counts)["macs"] / cost.count(table)["macs"])
-    return dict(model=name, flops_budget=flops_fraction, multiple=multiple, scope=scope, keep_ratio=ratio,
-                flops_left=flops_left, widths=list(small_model.widths), latency_ms={k: 1e3 * v for k, v in lat.items()},
-                speedup_shrunk=lat["dense"] / lat["shrunk"], speedup_masked=lat["dense"] / lat["masked"])
+    row = dict(model=name, flops_budget=flops_fraction, multiple=multiple, scope=scope, keep_ratio=ratio,
+               flops_left=flops_left, widths=list(small_model.widths), latency_ms={k: 1e3 * v for k, v in lat.items()},
+               speedup_shrunk=lat["dense"] / lat["shrunk"])
+    if masked:
+        row["speedup_masked"] = lat["dense"] / lat["masked"]
+    return row
 
 
 def run(config, workdir: str) -> dict:
     b = config.bench
-    rows = [measure(m, f, mult, b.scope, b.batch_size, b.rounds)
-            for m, f in zip(b.models, b.flops_budgets) for mult in b.multiples]
-    for r in rows:
-        print(f"{r['model']:8s} FLOPs {r['flops_left']:.2f} (multiple {r['multiple']}): dense "
-              f"{r['latency_ms']['dense']:.1f} ms, masked {r['latency_ms']['masked']:.1f} ms "
-              f"({r['speedup_masked']:.2f}x), shrunk {r['latency_ms']['shrunk']:.1f} ms ({r['speedup_shrunk']:.2f}x)")
+    rows = []
+    for m, f in zip(b.models, b.flops_budgets):
+        for mult in b.multiples:
+            r = measure(m, f, mult, b.scope, b.batch_size, b.rounds)
+            print(f"{r['model']:8s} FLOPs {r['flops_left']:.2f} (multiple {r['multiple']}, widths "
+                  f"{r['widths'][:3]}...): dense {r['latency_ms']['dense']:.1f} ms, masked "
+                  f"{r['latency_ms']['masked']:.1f} ms ({r['speedup_masked']:.2f}x), shrunk "
+                  f"{r['latency_ms']['shrunk']:.1f} ms ({r['speedup_shrunk']:.2f}x)", flush=True)
+            rows.append(r)
+            write_json(os.path.join(workdir, "summary.json"), dict(job=config.job, rows=rows, partial=True))
     summary = dict(job=config.job, device_kind=jax.devices()[0].device_kind, rows=rows)
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -180,6 +180,11 @@ def element_masks(table: ModelTable, variables: Mapping, rate: float | Mapping[s
     return traverse_util.unflatten_dict(out)
 
 
+def lowest_counts(table: ModelTable, groups: Sequence[int], multiple: int | None = 1) -> list[int]:
+    """Every group in `groups` at its smallest allowed (aligned) count."""
+    return keep_counts(table, max(1.0 / table.widths[g] for g in groups), groups, multiple)
+
+
 def keep_ratio_for_budget(table: ModelTable, fraction: float, cost_fraction: Callable[[list[int]], float],
                           groups: Sequence[int] | None = None, multiple: int | None = 1, iters: int = 40,
                           what: str = "FLOPs") -> float:
@@ -196,8 +201,7 @@ def keep_ratio_for_budget(table: ModelTable, fraction: float, cost_fraction: Cal
             memo[counts] = float(cost_fraction(list(counts)))
         return memo[counts]
 
-    mults = align.group_multiples(table.widths, groups, multiple)
-    lowest = max(mults[g] / table.widths[g] for g in groups)
+    lowest = max(1.0 / table.widths[g] for g in groups)  # every group at its smallest allowed count
     if cost(lowest) > fraction:
         raise ConfigError(f"a {what} budget of {fraction:.1%} cannot be met: pruning every prunable group "
                           f"to its minimum leaves {cost(lowest):.1%}; prune more groups (prune.scope=all), "

@@ -21,7 +21,6 @@ from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget
 from jaxcompress.models import describe
-from jaxcompress.pruning import align
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink
 from jaxcompress.report import plot_layer_bars
@@ -51,18 +50,15 @@ def check_prune_config(cfg) -> None:
                           f"'{cfg.criterion}'; set --config.prune.iterations=1")
 
 
-def latency_keep_ratio(config, exp) -> tuple[float, float]:
+def latency_keep_ratio(table, budget: float, scope: str, multiple: int | None, batch: int) -> tuple[float, float]:
     """`(keep_ratio, predicted latency fraction)`: the largest uniform keep ratio whose
-    aligned widths meet `prune.latency_budget` of the dense latency on this device
-    (batch `prune.latency_batch`), by the fitted `LatencyModel` (jaxcompress.latency)."""
+    aligned widths meet `budget` of the dense latency on this device at this batch
+    size, by a `LatencyModel` (jaxcompress.latency) fitted on this network."""
     from jaxcompress.latency import latency_model
-    p = config.prune
-    groups = C.prunable_groups(exp.table, p.scope)
-    mults = align.group_multiples(exp.table.widths, groups, p.multiple)
-    lowest = C.keep_counts(exp.table, max(mults[g] / exp.table.widths[g] for g in groups), groups, p.multiple)
-    model = latency_model(exp.table, p.latency_batch, groups, lowest)
-    ratio = C.keep_ratio_for_budget(exp.table, p.latency_budget, model.fraction, groups, p.multiple, what="latency")
-    return ratio, model.fraction(C.keep_counts(exp.table, ratio, groups, p.multiple))
+    groups = C.prunable_groups(table, scope)
+    model = latency_model(table, batch, groups, C.lowest_counts(table, groups, multiple))
+    ratio = C.keep_ratio_for_budget(table, budget, model.fraction, groups, multiple, what="latency")
+    return ratio, model.fraction(C.keep_counts(table, ratio, groups, multiple))
 
 
 def sample_batch(exp, size: int, seed: int):
@@ -142,7 +138,8 @@ def prune_and_finetune(config, workdir: str) -> dict:
     predicted = None
     if config.prune.latency_budget:  # before any training: an infeasible budget fails here
         config = config.copy_and_resolve_references()
-        config.prune.keep_ratio, predicted = latency_keep_ratio(config, exp)
+        p = config.prune
+        p.keep_ratio, predicted = latency_keep_ratio(exp.table, p.latency_budget, p.scope, p.multiple, p.latency_batch)
         logging.info("latency budget %.0f%%: keep ratio %.3f (predicted %.1f%% of the dense latency)",
                      100 * config.prune.latency_budget, config.prune.keep_ratio, 100 * predicted)
     p = config.prune

@@ -49,6 +49,7 @@ from jaxcompress.report import plot_layer_bars
 from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
 from jaxcompress.train.checkpoint import CheckpointError
 from jaxcompress.train.loop import fit, load_trained, make_eval_fn, steps_per_epoch, train_and_evaluate
+from jaxcompress.latency import measured_latency
 from jaxcompress.train.metrics import write_json
 
 MODES = ("ptq", "qat")
@@ -377,7 +378,10 @@ def quantize(config, workdir: str) -> dict:
         outputs_match=outputs_match, layers=quant_summary["layers"], calibration_ranges=calib,
         sensitivity=sensitivity, calibration_time_s=calib_time, export_time_s=export_time,
         qat_train_time_s=qat_info.get("train_time_s"), wall_time_s=time.time() - wall_start,
-        device_kind=jax.devices()[0].device_kind)
+        device_kind=jax.devices()[0].device_kind, latency_batch=config.prune.latency_batch,
+        # float forward passes: the original network and the exported one as loaded (dequantized)
+        latency_s=measured_latency({"original": dense_table.model, "exported": loaded_model}, exp.input_shape,
+                                   config.prune.latency_batch))
     write_json(os.path.join(workdir, "summary.json"), summary)
     if not summary["payload_equals_accounting"] or not outputs_match:
         logging.warning("export check failed: payload %d vs accounting %d bytes, max output diff %.3g",

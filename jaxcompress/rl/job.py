@@ -36,7 +36,9 @@ from absl import logging
 
 from jaxcompress import cost
 from jaxcompress.data import normalize
+from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.errors import ConfigError
+from jaxcompress.latency import check_latency_budget, latency_model
 from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink
@@ -83,6 +85,8 @@ def check_search_config(s) -> None:
     if s.episodes < 1:
         raise ConfigError(f"search.episodes={s.episodes} must be >= 1")
     check_prune_bounds(s.flops_budget, s.a_min, s.a_max, s.multiple)
+    if s.latency_budget:
+        check_latency_budget(s.latency_budget, "search.latency_budget")
     if not 0.0 <= s.params_budget <= 1.0:
         raise ConfigError(f"search.params_budget={s.params_budget:g} must be a fraction in (0, 1], or 0 for none")
     if s.reward not in REWARDS:
@@ -206,6 +210,10 @@ def search(config, workdir: str) -> dict:
     table = exp.table
     groups = C.prunable_groups(table, s.scope)
     env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None)  # infeasible budget: fails here
+    if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
+        lat_model = latency_model(table, config.prune.latency_batch, list(env.groups), env.min_widths.astype(int))
+        env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None,
+                       lat_model, s.latency_budget)
     state = reference_state(config, exp, s.checkpoint, workdir, "search.checkpoint")
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense_test, dense_val = evaluate(state, exp.test), evaluate(state, exp.val)
@@ -245,11 +253,18 @@ def search(config, workdir: str) -> dict:
                  100 * (1 - pruned_cost["params"] / dense_cost["params"]), dense_test["accuracy"],
                  pruned_test["accuracy"], masked_test["accuracy"])
 
+    latency = forward_latencies({"dense": (exp.model, {k: v for k, v in variables.items() if k != "masks"}),
+                                 "shrunk": (small_model, {k: v for k, v in small_state.variables().items()
+                                                          if k != "masks"})},
+                                exp.input_shape, config.prune.latency_batch)
     names = table.group_names
     rates = {names[g]: 1.0 - float(widths[g]) / table.widths[g] for g in range(table.num_groups)}
     stage1 = dict(
         agent=s.agent, episodes=len(h1["reward"]), num_actors=s.num_actors, flops_budget=s.flops_budget,
-        params_budget=s.params_budget or None,
+        params_budget=s.params_budget or None, latency_budget=s.latency_budget or None,
+        latency_predicted_ratio=(float(env.latency(widths) / env.latency_dense) if env.latency is not None
+                                 else None),
+        latency_s=latency, latency_batch=config.prune.latency_batch, speedup=latency["dense"] / latency["shrunk"],
         reward=s.reward, scheme=s.scheme, best_reward=best1["reward"], best_val_accuracy_search=best1["accuracy"],
         widths=widths.astype(int).tolist(), rates=rates, flops_ratio=pruned_cost["flops"] / dense_cost["flops"],
         params_ratio=pruned_cost["params"] / dense_cost["params"], accuracy_masked=masked_test["accuracy"],

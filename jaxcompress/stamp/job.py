@@ -38,6 +38,7 @@ from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObje
 from jaxcompress.stamp.meta import ALGORITHMS, Stamp, TaskSampler, meta_train
 from jaxcompress.train.experiment import Experiment
 from jaxcompress.train.loop import fit, load_trained, make_eval_fn
+from jaxcompress.latency import measured_latency
 from jaxcompress.train.metrics import write_json
 from jaxcompress.train.optim import make_optimizer
 from jaxcompress.train.state import create_train_state
@@ -274,6 +275,9 @@ def run(config, workdir: str) -> dict:
                    pretrain_time_s=pretrain_time, meta_train_time_s=meta_time, methods=results,
                    params_dense=float(dense_cost["params"]), flops_dense=float(dense_cost["flops"]),
                    groups=[table.group_names[g] for g in layout.groups], device_kind=jax.devices()[0].device_kind,
+                   latency_s=measured_latency({"dense": model, "stamp": model.clone(widths=stamp_widths)},
+                                              input_shape, config.prune.latency_batch),
+                   latency_batch=config.prune.latency_batch,
                    wall_time_s=time.time() - wall_start)
     summary.update({f"accuracy_{k}": v["accuracy"] for k, v in results.items()})
     write_json(os.path.join(workdir, "summary.json"), summary)
