@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     # data.name: digits (embedded, offline) | mnist | cifar10 | npz:<path> | tfds:<name>
     c.data = ml_collections.ConfigDict(dict(
         name="mnist", data_dir="", image_size=0, channels=0,  # 0: keep as stored
-        val_size=5000, classes=(), augment=False))
+        val_size=5000, classes=(), augment=False,
+        train_size=0))  # > 0: a stratified subset of this many training examples (short CPU budgets)
 
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=15, batch_size=128, eval_batch_size=1000,
@@ -40,9 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
         variational=dict(spatial_rate=0.0, num_steps=500, beta=1.0, learning_rate=0.01, noise_learning_rate=0.01,
                          batch_size=128, include_dense=False, init_alpha=0.05),
         finetune_epochs=5, finetune_learning_rate=0.01, latency_batch=128,
-        # a fraction of the dense latency on this device (jaxcompress.latency, measured and cached): sets the
-        # uniform keep_ratio whose aligned widths meet it (0: keep_ratio as given)
-        latency_budget=0.0))
+        # budgets (at most one; 0: keep_ratio as given) set the largest uniform keep_ratio whose aligned widths
+        # meet them: a fraction of the dense FLOPs, or of the dense latency on this device (jaxcompress.latency,
+        # measured at latency_batch and cached)
+        flops_budget=0.0, latency_budget=0.0))
 
     # job "quantize" (jaxcompress.quant.job): PTQ or QAT, then packed export + checks
     c.quant = ml_collections.ConfigDict(dict(

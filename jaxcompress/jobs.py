@@ -28,6 +28,7 @@ JOBS = {
     "bench_peer_pruning": peer.run,
     "bench_latency_budget": hardware.latency_budget,
     "bench_latency_predictor": hardware.predictor,
+    "bench_budget_accuracy": hardware.budget_accuracy,
     "search": search,
     "bench_search_speed": rl_bench.speed,
     "bench_search_agents": rl_bench.agents,

@@ -498,3 +498,13 @@ def test_shard_batch_one_device_mesh():
         np.testing.assert_array_equal(np.asarray(v), batch[k])
     assert out["image"].dtype == jnp.uint8
     assert shard_batch(batch, mesh)["label"].sharding == sharding
+
+
+def test_stratified_subset_keeps_class_proportions_and_order():
+    from jaxcompress.data import stratified_subset
+    y = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    x = np.arange(100)
+    xs, ys = stratified_subset(x, y, 20, seed=3)
+    assert np.bincount(ys).tolist() == [12, 6, 2]  # 20 x (0.6, 0.3, 0.1)
+    assert np.all(np.diff(xs) > 0) and np.array_equal(y[xs], ys)
+    assert stratified_subset(x, y, 0)[0] is x and stratified_subset(x, y, 100)[0] is x

@@ -5,6 +5,10 @@
 same fraction with the backend's aligned widths: measured dense and shrunk latency
 (same process, interleaved), FLOPs and parameters left, the model's prediction.
 
+`budget_accuracy`: the same two rules on a trained network (trained once into
+`<workdir>/pretrain`, or `prune.checkpoint`), each through the `prune` job with the
+same fine-tune: accuracy, FLOPs, parameters and measured latency per rule.
+
 `predictor`: the fitted `LatencyModel` (layer table + affine fit on three networks)
 against measured whole-network latency at random aligned width vectors.
 
@@ -23,7 +27,9 @@ from jaxcompress.latency import latency_model, measure_networks
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import align
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.job import latency_keep_ratio
+from jaxcompress.pruning.job import latency_keep_ratio, prune_and_finetune
+from jaxcompress.train import setup_experiment
+from jaxcompress.train.loop import reference_state
 from jaxcompress.train.metrics import write_json
 
 
@@ -76,5 +82,33 @@ def predictor(config, workdir: str) -> dict:
                    relative_errors=errors, median_error=float(np.median(errors)), max_error=float(np.max(errors)))
     print(f"{b.model}: median error {summary['median_error']:.1%}, max {summary['max_error']:.1%} over "
           f"{len(vectors)} aligned width vectors", flush=True)
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def budget_accuracy(config, workdir: str) -> dict:
+    b = config.bench
+    exp = setup_experiment(config)
+    reference_state(config, exp, config.prune.checkpoint, workdir, "prune.checkpoint")
+    checkpoint = config.prune.checkpoint or os.path.join(workdir, "pretrain")
+    rows = {}
+    for rule in ("flops", "latency"):
+        c = config.copy_and_resolve_references()
+        c.prune.checkpoint = checkpoint
+        if rule == "flops":
+            c.prune.flops_budget, c.prune.multiple = b.budget, 1
+        else:
+            c.prune.latency_budget = b.budget
+        s = prune_and_finetune(c, os.path.join(workdir, rule))
+        rows[rule] = {k: s[k] for k in ("accuracy_dense", "accuracy_masked", "accuracy_pruned", "widths_pruned",
+                                        "flops_left", "params_removed", "latency_s", "speedup_shrunk",
+                                        "speedup_masked", "latency_predicted_fraction", "keep_ratio")}
+        print(f"{config.model.name} {rule} budget {b.budget:.0%}: widths {s['widths_pruned'][:4]}..., FLOPs "
+              f"{s['flops_left']:.2f}, accuracy {s['accuracy_dense']:.4f} -> {s['accuracy_pruned']:.4f}, "
+              f"speed-up {s['speedup_shrunk']:.2f}x", flush=True)
+    summary = dict(job=config.job, model=config.model.name, dataset=config.data.name, budget=b.budget,
+                   train_size=config.data.train_size, pretrain_epochs=config.train.num_epochs,
+                   finetune_epochs=config.prune.finetune_epochs, device_kind=jax.devices()[0].device_kind,
+                   rows=rows)
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -17,6 +17,7 @@ from jaxcompress.data.transforms import (
     normalize,
     select_classes,
     split_validation,
+    stratified_subset,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "select_classes",
     "shard_batch",
     "split_validation",
+    "stratified_subset",
 ]

@@ -78,6 +78,15 @@ def split_validation(x, y, val_size: int | float, seed: int = 0):
     return (x[keep], y[keep]), (x[held], y[held])
 
 
+def stratified_subset(x, y, size: int, seed: int = 0):
+    """At most `size` examples of (x, y), stratified by class and deterministic in
+    `seed` (all of them when `size` is 0 or not below len(y)); original order."""
+    if not size or size >= len(y):
+        return x, y
+    _, keep = stratified_split_indices(y, int(size), seed)
+    return x[keep], y[keep]
+
+
 def select_classes(x, y, classes: Sequence[int], relabel: bool = True):
     """Keeps only examples of `classes`, relabelled 0..len(classes)-1 in that order.
 

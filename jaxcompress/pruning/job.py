@@ -38,11 +38,17 @@ def check_prune_config(cfg) -> None:
         raise ConfigError(f"unknown prune.allocation '{cfg.allocation}'; choose uniform or global")
     if not 0.0 < cfg.keep_ratio <= 1.0:
         raise ConfigError(f"prune.keep_ratio={cfg.keep_ratio:g} is outside (0, 1]")
+    if cfg.flops_budget and cfg.latency_budget:
+        raise ConfigError("set at most one of prune.flops_budget and prune.latency_budget")
+    if cfg.flops_budget and not 0.0 < cfg.flops_budget <= 1.0:
+        raise ConfigError(f"prune.flops_budget={cfg.flops_budget:g} must be a fraction of the dense FLOPs in (0, 1]")
     if cfg.latency_budget:
         check_latency_budget(cfg.latency_budget, "prune.latency_budget")
-        if cfg.keep_ratios or cfg.allocation != "uniform" or cfg.latency_batch < 1:
-            raise ConfigError("prune.latency_budget sets one uniform keep ratio: leave prune.keep_ratios empty, "
-                              "use prune.allocation=uniform and a prune.latency_batch >= 1")
+    if (cfg.flops_budget or cfg.latency_budget) and (cfg.keep_ratios or cfg.allocation != "uniform"):
+        raise ConfigError("a prune budget sets one uniform keep ratio: leave prune.keep_ratios empty and use "
+                          "prune.allocation=uniform")
+    if cfg.latency_budget and cfg.latency_batch < 1:
+        raise ConfigError("prune.latency_budget needs prune.latency_batch >= 1 (the batch it is measured at)")
     if cfg.iterations < 1:
         raise ConfigError(f"prune.iterations must be >= 1, got {cfg.iterations}")
     if cfg.iterations > 1 and cfg.criterion in ("lasso", "variational"):
@@ -136,12 +142,17 @@ def prune_and_finetune(config, workdir: str) -> dict:
     check_prune_config(config.prune)
     exp = setup_experiment(config)
     predicted = None
-    if config.prune.latency_budget:  # before any training: an infeasible budget fails here
+    if config.prune.latency_budget or config.prune.flops_budget:  # before any training: infeasible fails here
         config = config.copy_and_resolve_references()
         p = config.prune
-        p.keep_ratio, predicted = latency_keep_ratio(exp.table, p.latency_budget, p.scope, p.multiple, p.latency_batch)
-        logging.info("latency budget %.0f%%: keep ratio %.3f (predicted %.1f%% of the dense latency)",
-                     100 * config.prune.latency_budget, config.prune.keep_ratio, 100 * predicted)
+        if p.latency_budget:
+            p.keep_ratio, predicted = latency_keep_ratio(exp.table, p.latency_budget, p.scope, p.multiple,
+                                                         p.latency_batch)
+            logging.info("latency budget %.0f%%: keep ratio %.3f (predicted %.1f%% of the dense latency)",
+                         100 * p.latency_budget, p.keep_ratio, 100 * predicted)
+        else:
+            p.keep_ratio = C.keep_ratio_for_flops(exp.table, p.flops_budget, C.prunable_groups(exp.table, p.scope),
+                                                  p.multiple)
     p = config.prune
     state = reference_state(config, exp, p.checkpoint, workdir, "prune.checkpoint")
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
@@ -189,7 +200,8 @@ def prune_and_finetune(config, workdir: str) -> dict:
         bytes_dense=dense_cost["totals"]["bytes"], bytes_pruned=pruned_cost["totals"]["bytes"],
         widths_dense=list(exp.table.widths), widths_pruned=pruned_cost["widths"], groups=list(names),
         latency_s={k: v for k, v in latency.items()}, latency_batch=p.latency_batch,
-        latency_budget=p.latency_budget or None, latency_predicted_fraction=predicted,
+        flops_budget=p.flops_budget or None, latency_budget=p.latency_budget or None,
+        latency_predicted_fraction=predicted,
         speedup_shrunk=latency["dense"] / latency["shrunk"] if latency else None,
         speedup_masked=latency["dense"] / latency["masked"] if latency else None,
         prune_time_s=prune_time, wall_time_s=time.time() - wall_start,

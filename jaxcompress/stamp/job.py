@@ -27,8 +27,8 @@ import numpy as np
 from absl import logging
 
 from jaxcompress import cost
-from jaxcompress.data import channel_stats, load_dataset, normalize, select_classes, split_validation
-from jaxcompress.data.transforms import stratified_split_indices
+from jaxcompress.data import (channel_stats, load_dataset, normalize, select_classes, split_validation,
+                              stratified_subset)
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
@@ -85,9 +85,7 @@ def _split(name, data_dir, image_size, channels, classes, max_train, val_size, s
         xte, yte = select_classes(xte, yte, classes)
         k = len(classes)
     (xtr, ytr), (xva, yva) = split_validation(xtr, ytr, val_size, seed=seed)
-    if max_train and max_train < len(xtr):
-        _, keep = stratified_split_indices(ytr, int(max_train), seed)
-        xtr, ytr = xtr[keep], ytr[keep]
+    xtr, ytr = stratified_subset(xtr, ytr, max_train, seed)
     return (xtr, ytr.astype(np.int32)), (xva, yva.astype(np.int32)), (xte, yte.astype(np.int32)), k
 
 
