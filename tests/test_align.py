@@ -68,3 +68,17 @@ def test_explicit_multiple_larger_than_a_width_fails_before_work(zoo):
     table = zoo.table("lenet5")  # conv1 has 6 channels
     with pytest.raises(ConfigError, match="larger than group 0's width 6"):
         C.keep_counts(table, 0.5, None, 8)
+
+
+def test_variational_channel_counts_are_aligned(zoo):
+    from jaxcompress.pruning.variational import variational_masks
+    table = zoo.table("resnet20")
+    rng = np.random.default_rng(0)
+    log_alpha = {l.path: {"channel": rng.normal(size=table.widths[l.out_group])}
+                 for l in table.layers if l.out_group >= 0 and l.kind == "conv"}
+    masks = variational_masks(table, log_alpha, channel_rate=0.6, multiple=8)
+    counts = [int(np.sum(np.asarray(m))) for m in table.group_masks(masks)]
+    # 40% of 16 / 32 / 64 channels kept: 6.4 -> 8, 12.8 -> 16, 25.6 -> 24
+    assert sorted(set(counts)) == [8, 16, 24]
+    unaligned = variational_masks(table, log_alpha, channel_rate=0.6)
+    assert sorted(set(int(np.sum(np.asarray(m))) for m in table.group_masks(unaligned))) == [6, 13, 26]

@@ -177,3 +177,18 @@ def test_deployment_shrunk_network_equals_masked_network():
     thr = hard_group_masks(layout, [np.array([0.5, 1e-4, 2e-3]), np.array([1e-5, 1e-5])], "threshold", 1e-3)
     np.testing.assert_array_equal(thr[0], [1, 0, 1])
     np.testing.assert_array_equal(thr[1], [1, 0])  # a group never loses every channel
+
+
+def test_aligned_stamp_masks_round_down_to_the_multiple(zoo):
+    from jaxcompress.stamp.generator import align_masks
+    table = zoo.table("resnet20")
+    layout = GroupLayout(table, tuple(range(table.num_groups)))
+    rng = np.random.default_rng(0)
+    probs = [rng.random(table.widths[g]) for g in layout.groups]
+    masks = [(p >= np.sort(p)[::-1][min(len(p) - 1, k)]).astype(np.float32)
+             for p, k in zip(probs, [3, 20, 45] * len(layout.groups))]  # arbitrary counts
+    aligned = align_masks(layout, probs, masks, 8)
+    for p, m, a in zip(probs, masks, aligned):
+        k = int(a.sum())
+        assert k == len(p) or (k % 8 == 0 and (k <= m.sum() or k == 8))
+        assert np.all(p[a > 0].min() >= p[a == 0].max()) if 0 < k < len(p) else True  # most probable kept

@@ -33,4 +33,5 @@ def get_config():
     s.checkpoint_every = 20
     s.finetune_epochs, s.bbdropout_epochs = 3, 3
     s.finetune_learning_rate, s.scratch_learning_rate = 0.02, 0.05
+    c.prune.multiple = 1  # unaligned channel counts, as in the paper: the uniform baselines match STAMP's size
     return c

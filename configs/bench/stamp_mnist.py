@@ -25,4 +25,5 @@ def get_config():
         s.pretrained = os.path.join(REFERENCE, "pretrain")
     if os.path.isdir(os.path.join(REFERENCE, "meta", "checkpoints")):
         s.meta_checkpoint = os.path.join(REFERENCE, "meta")
+    c.prune.multiple = 1  # unaligned channel counts, as in the paper: the uniform baselines match STAMP's size
     return c

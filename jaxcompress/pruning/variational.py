@@ -69,6 +69,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.layers.information_dropout import (ALPHA_MAX, ALPHA_MIN, information_dropout_alpha,
                                                     information_dropout_kl_relu)
 from jaxcompress.models.table import LayerInfo, ModelTable
+from jaxcompress.pruning import align
 from jaxcompress.train.steps import cross_entropy, jit_data_parallel, make_mesh, replicated
 
 SPATIAL, CHANNEL = "spatial", "channel"
@@ -372,7 +373,7 @@ def _kernel_shape(table: ModelTable, layer: LayerInfo) -> tuple[int, ...]:
 
 def variational_masks(table: ModelTable, log_alpha: Mapping, element_rate: float | Mapping[str, float] = 0.0,
                       channel_rate: float | Mapping[str, float] = 0.0, masks: Mapping | None = None,
-                      groups: Sequence[int] | None = None) -> dict:
+                      groups: Sequence[int] | None = None, multiple: int | None = 1) -> dict:
     """Masks that prune the noisiest kernel positions and channels.
 
     `log_alpha` is `{layer path: {"spatial": (kh, kw), "channel": (cout,)}}` (from
@@ -385,7 +386,8 @@ def variational_masks(table: ModelTable, log_alpha: Mapping, element_rate: float
     channel noise, or outside `groups`, are left whole. Rates count the positions /
     channels still alive in `masks` (already-pruned ones stay pruned and are not
     counted again); at least one position per layer and one channel per group is
-    always kept. Returns the whole `masks` collection (starting from `masks`, or
+    always kept; kept channel counts are aligned to `multiple` (`align.aligned`: an
+    integer, or None for the backend's). Returns the whole `masks` collection (starting from `masks`, or
     all-ones group masks when None).
     """
     flat = traverse_util.flatten_dict(dict(masks)) if masks is not None else {}
@@ -418,8 +420,11 @@ def variational_masks(table: ModelTable, log_alpha: Mapping, element_rate: float
             members.setdefault(g, []).append(np.asarray(entry[CHANNEL], np.float64))
     names = table.group_names
     noisy_names = [names[g] for g in sorted(members)]
+    mults = align.group_multiples(table.widths, sorted(members), multiple)
     for name, rate in _rates(channel_rate, noisy_names, "channel").items():
         g = names.index(name)
+        alive = int(np.sum(group_masks[g] > 0))
+        rate = 1.0 - align.aligned(alive, alive * (1.0 - rate), min(mults[g], alive)) / alive
         score = np.mean(np.stack(members[g]), axis=0)
         if score.shape != (table.widths[g],):
             raise ValueError(f"group {name}: channel log_alpha shape {score.shape} != ({table.widths[g]},)")
@@ -456,5 +461,5 @@ def variational_prune(config, exp, variables: Mapping, groups: Sequence[int] | N
         include_dense=bool(v.get("include_dense", False)), init_alpha=float(v.get("init_alpha", 0.05)),
         mesh=exp.mesh)
     masks = variational_masks(exp.table, result.log_alpha, float(v.get("spatial_rate", 0.0)), channel_rate,
-                              masks=variables.get("masks"), groups=groups)
+                              masks=variables.get("masks"), groups=groups, multiple=p.get("multiple", 1))
     return masks, result.variables["params"]

@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from jaxcompress.data import BatchIterator, augment_cifar, normalize
+from jaxcompress.errors import ConfigError
 from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink
@@ -45,30 +47,24 @@ def sample_set(x, y, size: int, seed: int):
 
 
 def stamp_masks(stamp, meta_params, set_inputs, set_labels, *, mode: str, threshold: float,
-                budget: float, metric: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                budget: float, metric: str, multiple: int | None = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(hard prunable-group masks, E[pi]) for one target set (one forward pass)."""
     probs = jax.jit(stamp.keep_probabilities)(meta_params, jnp.asarray(set_inputs), jnp.asarray(set_labels))
     probs = [np.asarray(p) for p in probs]
-    return hard_group_masks(stamp.layout, probs, mode, threshold, budget, metric), probs
+    return hard_group_masks(stamp.layout, probs, mode, threshold, budget, metric, multiple), probs
 
 
-def uniform_counts_for(layout: GroupLayout, fraction: float, metric: str) -> list[int]:
+def uniform_counts_for(layout: GroupLayout, fraction: float, metric: str, multiple: int | None = 1) -> list[int]:
     """Per-table-group channel counts of the largest uniform keep ratio whose `metric`
-    fraction is at most `fraction` (bisection over the exact cost model)."""
+    fraction is at most `fraction` (`criteria.keep_ratio_for_budget`, aligned counts)."""
     table, groups = layout.table, list(layout.groups)
-
-    def frac(r):
-        counts = [max(1, int(round(table.widths[g] * r))) for g in groups]
-        return float(layout.cost_fraction(counts, metric)), counts
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if frac(mid)[0] <= fraction + 1e-9 else (lo, mid)
-    counts = list(table.widths)
-    for g, c in zip(groups, frac(lo)[1]):
-        counts[g] = c
-    return counts
+    cost = lambda counts: float(layout.cost_fraction([counts[g] for g in groups], metric))
+    try:
+        ratio = C.keep_ratio_for_budget(table, fraction, cost, groups, multiple, what=metric)
+    except ConfigError as e:  # below what a uniform ratio reaches: the smallest uniform widths
+        logging.warning("%s; the uniform baselines use the smallest widths", e)
+        return C.lowest_counts(table, groups, multiple)
+    return C.keep_counts(table, ratio, groups, multiple)
 
 
 def criterion_masks(layout: GroupLayout, variables, criterion: str, counts, *, batch=None, seed=0) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from jaxcompress import cost
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
+from jaxcompress.pruning import align
 from jaxcompress.stamp import kumaraswamy as K
 
 BUDGET_METRICS = ("params", "flops")
@@ -142,14 +143,15 @@ def check_budget(layout: GroupLayout, budget: float, metric: str) -> None:
 
 
 def hard_group_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], mode: str = "threshold",
-                     threshold: float = 1e-3, budget: float | None = None, metric: str = "params"
-                     ) -> list[np.ndarray]:
+                     threshold: float = 1e-3, budget: float | None = None, metric: str = "params",
+                     multiple: int | None = 1) -> list[np.ndarray]:
     """Binary masks of the prunable groups from test-time keep probabilities E[pi].
 
     `threshold`: keep E[pi] >= threshold (BBDropout's rule). `budget`: keep the
     globally highest E[pi] such that the network's `metric` fraction is at most
     `budget` (largest such set, by bisection over the global ranking). Either way
-    each group keeps at least its most probable channel.
+    each group keeps at least its most probable channel; then, unless `multiple` is 1,
+    kept counts are aligned (`align_masks`).
     """
     keep_prob = [np.asarray(p, np.float64) for p in keep_prob]
     if mode == "threshold":
@@ -188,4 +190,22 @@ def hard_group_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], mode:
     for m, p in zip(masks, keep_prob):
         if m.sum() == 0:
             m[int(np.argmax(p))] = 1.0
-    return masks
+    return masks if multiple == 1 else align_masks(layout, keep_prob, masks, multiple)
+
+
+def align_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                multiple: int | None) -> list[np.ndarray]:
+    """Each group's kept count rounded *down* to its channel multiple
+    (`jaxcompress.pruning.align`; never below the multiple, a full group stays full),
+    keeping the most probable channels: aligned masks never exceed a budget the
+    unaligned ones met, except where a group is raised to the multiple."""
+    widths = layout.table.widths
+    mults = align.group_multiples(widths, list(layout.groups), multiple)
+    out = []
+    for g, m, p in zip(layout.groups, masks, keep_prob):
+        k, w, step = int(m.sum()), widths[g], mults[g]
+        k = k if k == w else max(step, (k // step) * step)
+        keep = np.zeros(w, np.float32)
+        keep[np.argsort(-np.asarray(p), kind="stable")[:k]] = 1.0
+        out.append(keep)
+    return out

@@ -201,7 +201,8 @@ def run(config, workdir: str) -> dict:
     set_in = (_features(model, variables, set_x, tgt_exp.mean, tgt_exp.std, s.feature_convs)
               if s.instance == "pretrained" else set_x)
     group_masks, probs = D.stamp_masks(stamp, meta_state.params, set_in, set_y, mode=s.mask_mode,
-                                       threshold=s.threshold, budget=s.budget, metric=s.budget_metric)
+                                       threshold=s.threshold, budget=s.budget, metric=s.budget_metric,
+                                       multiple=config.prune.multiple)
     net_vars = {**variables, "params": meta_state.params.get("net", variables["params"])}
     small_model, small_vars = D.prune_to(layout, net_vars, layout.layer_masks(group_masks, variables.get("masks")))
     mask_time = time.time() - start
@@ -211,7 +212,7 @@ def run(config, workdir: str) -> dict:
     stamp_widths = tuple(small_model.widths)
     fraction = results["stamp"][f"{s.budget_metric}_pct"] / 100
     counts = (list(stamp_widths) if s.baseline_widths == "stamp"
-              else D.uniform_counts_for(layout, fraction, s.budget_metric))
+              else D.uniform_counts_for(layout, fraction, s.budget_metric, config.prune.multiple))
     snip_batch = D.sample_set(*tgt_exp.train, s.snip_batch, config.seed)
     snip_batch = (np.asarray(normalize(snip_batch[0], tgt_exp.mean, tgt_exp.std)), snip_batch[1])
     methods = [m for m in s.methods if m != "stamp"]
@@ -248,7 +249,8 @@ def run(config, workdir: str) -> dict:
         bprobs, bvars = D.train_bbdropout(config, tgt_exp, layout, variables, bobj, epochs=s.bbdropout_epochs,
                                           learning_rate=s.finetune_learning_rate, temperature=s.temperature,
                                           seed=config.seed)
-        bmasks = D.hard_group_masks(layout, bprobs, "budget", s.threshold, fraction, s.budget_metric)
+        bmasks = D.hard_group_masks(layout, bprobs, "budget", s.threshold, fraction, s.budget_metric,
+                                    config.prune.multiple)
         small, small_v = D.prune_to(layout, bvars, layout.layer_masks(bmasks, variables.get("masks")))
         test, val, _ = D.finetune(config, tgt_exp, small, small_v, D.method_dir(workdir, "bbdropout"), **ft)
         record("bbdropout", test, val, small, time.time() - start, pretrain_time)
