@@ -1,6 +1,5 @@
 """Tests for the `bench_single_layer` job (the two-stage paper's Sec. 5.5 experiment):
 config checks, single-group pruning by each method, and a tiny end-to-end run with resume."""
-import json
 import os
 
 import jax

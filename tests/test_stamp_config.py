@@ -1,6 +1,4 @@
 """STAMP bad input: one-line ConfigError before any work."""
-import jax
-import jax.numpy as jnp
 import pytest
 
 from configs import default

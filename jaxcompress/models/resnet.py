@@ -11,7 +11,6 @@ order (one per basic block, two per bottleneck block).
 from __future__ import annotations
 
 import flax.linen as nn
-import numpy as np
 
 from jaxcompress.layers import Dense
 from jaxcompress.models.common import conv_bn, global_avg_pool

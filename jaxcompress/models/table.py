@@ -13,7 +13,7 @@ including users' own, and is checked by surgery tests on the whole zoo.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
