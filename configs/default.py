@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="mnist", data_dir="", image_size=0, channels=0,  # 0: keep as stored
         val_size=5000, classes=(), augment=False,
-        train_size=0))  # > 0: a stratified subset of this many training examples (short CPU budgets)
+        train_size=0, test_size=0))  # > 0: stratified subsets of this many train / test examples (short budgets)
 
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=15, batch_size=128, eval_batch_size=1000,

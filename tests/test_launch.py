@@ -158,6 +158,9 @@ BAD_INPUTS = {
     "evaluate_with_empty_best_dir": (QUICK + ["--config.job=evaluate"], {"mkdir": "best"}, ["checkpoint"]),
     "val_size_too_large": (QUICK + ["--config.data.val_size=5000"], {}, ["val_size", "5000"]),
     "warmup_not_below_num_epochs": (QUICK + ["--config.train.warmup_epochs=1"], {}, ["warmup_epochs"]),
+    "negative_test_size": (QUICK + ["--config.data.test_size=-1"], {}, ["test_size", ">= 0"]),
+    "latency_budget_out_of_range": (QUICK + ["--config.job=prune", "--config.prune.latency_budget=1.5"], {},
+                                    ["latency_budget", "(0, 1]"]),
 }
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory):

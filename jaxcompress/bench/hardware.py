@@ -107,7 +107,8 @@ def budget_accuracy(config, workdir: str) -> dict:
               f"{s['flops_left']:.2f}, accuracy {s['accuracy_dense']:.4f} -> {s['accuracy_pruned']:.4f}, "
               f"speed-up {s['speedup_shrunk']:.2f}x", flush=True)
     summary = dict(job=config.job, model=config.model.name, dataset=config.data.name, budget=b.budget,
-                   train_size=config.data.train_size, pretrain_epochs=config.train.num_epochs,
+                   train_size=config.data.train_size, test_size=config.data.test_size,
+                   pretrain_epochs=config.train.num_epochs,
                    finetune_epochs=config.prune.finetune_epochs, device_kind=jax.devices()[0].device_kind,
                    rows=rows)
     write_json(os.path.join(workdir, "summary.json"), summary)

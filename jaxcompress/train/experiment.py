@@ -72,9 +72,11 @@ def setup_experiment(config) -> Experiment:
     except ValueError as e:
         raise ConfigError(f"data.val_size={d.val_size}: {e}; set --config.data.val_size to a count below "
                           f"{len(x_train)} or a fraction in (0, 1)") from None
-    if d.get("train_size", 0) < 0:
-        raise ConfigError(f"data.train_size={d.train_size} must be >= 0 (0: every training example)")
+    for field in ("train_size", "test_size"):
+        if d.get(field, 0) < 0:
+            raise ConfigError(f"data.{field}={d[field]} must be >= 0 (0: every example)")
     x_train, y_train = stratified_subset(x_train, y_train, d.get("train_size", 0), config.seed)
+    x_test, y_test = stratified_subset(x_test, y_test, d.get("test_size", 0), config.seed)
     if len(x_train) < config.train.batch_size:
         raise ConfigError(f"only {len(x_train)} training examples but train.batch_size="
                           f"{config.train.batch_size}; lower --config.train.batch_size")
