@@ -176,9 +176,10 @@ def agents(config, workdir: str) -> dict:
     """PPO vs DDPG over seeds (stability) and fine-tuned quality vs uniform (module doc)."""
     s, b = config.search, config.bench
     exp, env, state, variables, ranks = _setup(config)
-    data = eval_data(exp, variables, s.eval_size, config.seed)
+    data = eval_data(exp, variables, s.eval_size, config.seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
     reward_fn = make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm)
-    evaluate = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode)
+    evaluate = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode, s.candidate_finetune_steps,
+                                    s.candidate_finetune_lr)
     runs = {}
     for name in b.agents:
         agent = make_agent(name, s, env.num_steps)  # one object per agent: the seeds share one compile
