@@ -19,7 +19,7 @@ from jaxcompress import cost
 from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
-from jaxcompress.latency import check_latency_budget
+from jaxcompress.latency import check_latency_budget, latency_model
 from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink
@@ -60,7 +60,6 @@ def latency_keep_ratio(table, budget: float, scope: str, multiple: int | None, b
     """`(keep_ratio, predicted latency fraction)`: the largest uniform keep ratio whose
     aligned widths meet `budget` of the dense latency on this device at this batch
     size, by a `LatencyModel` (jaxcompress.latency) fitted on this network."""
-    from jaxcompress.latency import latency_model
     groups = C.prunable_groups(table, scope)
     model = latency_model(table, batch, groups, C.lowest_counts(table, groups, multiple))
     ratio = C.keep_ratio_for_budget(table, budget, model.fraction, groups, multiple, what="latency")

@@ -183,21 +183,12 @@ class PruneEnv(CompressionEnv):
         macs = np.asarray(dense["macs"], np.float64)
         self.flops_dense = float(2 * macs.sum())
         self.budget = float(flops_budget) * self.flops_dense
-        f_min = float(self.flops(self.min_widths))
-        if f_min > self.budget * (1 + 1e-6):
-            raise ConfigError(
-                f"a FLOPs budget of {flops_budget:.1%} cannot be met: pruning every searched group at the "
-                f"maximum rate a_max={a_max:g} leaves {f_min / self.flops_dense:.1%} of the FLOPs; raise "
-                f"search.a_max or the budget, or search more groups (search.scope=all)")
+        _check_reachable("FLOPs", flops_budget, float(self.flops(self.min_widths)) / self.flops_dense, a_max)
         self.params_dense = float(self.params(self.widths))
         self.params_budget = None if params_budget is None else float(params_budget) * self.params_dense
         if self.params_budget is not None:
-            p_min = float(self.params(self.min_widths))
-            if p_min > self.params_budget * (1 + 1e-6):
-                raise ConfigError(
-                    f"a parameter budget of {params_budget:.1%} cannot be met: pruning every searched group at "
-                    f"a_max={a_max:g} leaves {p_min / self.params_dense:.1%} of the parameters; raise search.a_max "
-                    f"or search.params_budget, or search more groups (search.scope=all)")
+            _check_reachable("parameter", params_budget, float(self.params(self.min_widths)) / self.params_dense,
+                             a_max)
         self._check_affine()
         self.latency = None
         if latency_budget:
@@ -232,12 +223,7 @@ class PruneEnv(CompressionEnv):
             self.cands[t, :len(counts[g])] = counts[g]
         self.latency_dense = float(self.latency(self.widths))
         self.latency_budget = budget * self.latency_dense
-        lat_min = float(self.latency(self.min_widths))
-        if lat_min > self.latency_budget * (1 + 1e-6):
-            raise ConfigError(
-                f"a latency budget of {budget:.1%} cannot be met: pruning every searched group at a_max={a_max:g} "
-                f"leaves {lat_min / self.latency_dense:.1%} of the dense latency on this device; raise "
-                f"search.a_max or search.latency_budget, or search more groups (search.scope=all)")
+        _check_reachable("latency", budget, float(self.latency(self.min_widths)) / self.latency_dense, a_max)
 
     # -- cost ----------------------------------------------------------------------
     def flops(self, widths):
@@ -414,6 +400,17 @@ def backoff(bits, weights, budget: float, b_min: int):
 
     out, _ = jax.lax.while_loop(cond, body, (jnp.asarray(bits, jnp.float32), jnp.zeros((), jnp.int32)))
     return out
+
+
+def _check_reachable(what: str, budget: float, lowest: float, a_max: float) -> None:
+    """One-line error when every searched group at its lowest count (a_max) still
+    leaves more than `budget` of the dense network's `what` (both fractions)."""
+    if lowest > budget * (1 + 1e-6):
+        field = {"parameter": "params"}.get(what, what.lower())
+        raise ConfigError(
+            f"a {what} budget of {budget:.1%} cannot be met: pruning every searched group at the maximum rate "
+            f"a_max={a_max:g} leaves {lowest:.1%} of the dense network's {what}; raise search.a_max or "
+            f"search.{field}_budget, or search more groups (search.scope=all)")
 
 
 def check_prune_bounds(flops_budget: float, a_min: float, a_max: float, multiple: int | None = 1) -> None:

@@ -35,8 +35,9 @@ import numpy as np
 from absl import logging
 
 from jaxcompress import cost
-from jaxcompress.data import normalize
+from jaxcompress.bench.speedup import without_masks
 from jaxcompress.bench.timing import forward_latencies
+from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget, latency_model
 from jaxcompress.models import describe
@@ -253,10 +254,9 @@ def search(config, workdir: str) -> dict:
                  100 * (1 - pruned_cost["params"] / dense_cost["params"]), dense_test["accuracy"],
                  pruned_test["accuracy"], masked_test["accuracy"])
 
-    latency = forward_latencies({"dense": (exp.model, {k: v for k, v in variables.items() if k != "masks"}),
-                                 "shrunk": (small_model, {k: v for k, v in small_state.variables().items()
-                                                          if k != "masks"})},
-                                exp.input_shape, config.prune.latency_batch)
+    latency = forward_latencies({"dense": (exp.model, without_masks(variables)),
+                                 "shrunk": (small_model, without_masks(small_state.variables()))},
+                                exp.input_shape, config.prune.latency_batch) if config.prune.latency_batch else {}
     names = table.group_names
     rates = {names[g]: 1.0 - float(widths[g]) / table.widths[g] for g in range(table.num_groups)}
     stage1 = dict(
@@ -264,7 +264,8 @@ def search(config, workdir: str) -> dict:
         params_budget=s.params_budget or None, latency_budget=s.latency_budget or None,
         latency_predicted_ratio=(float(env.latency(widths) / env.latency_dense) if env.latency is not None
                                  else None),
-        latency_s=latency, latency_batch=config.prune.latency_batch, speedup=latency["dense"] / latency["shrunk"],
+        latency_s=latency, latency_batch=config.prune.latency_batch,
+        speedup=latency["dense"] / latency["shrunk"] if latency else None,
         reward=s.reward, scheme=s.scheme, best_reward=best1["reward"], best_val_accuracy_search=best1["accuracy"],
         widths=widths.astype(int).tolist(), rates=rates, flops_ratio=pruned_cost["flops"] / dense_cost["flops"],
         params_ratio=pruned_cost["params"] / dense_cost["params"], accuracy_masked=masked_test["accuracy"],
