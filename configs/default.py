@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
         # criterion "variational": noise training (channel rate = 1 - keep_ratio; spatial_rate prunes kh x kw taps)
         variational=dict(spatial_rate=0.0, num_steps=500, beta=1.0, learning_rate=0.01, noise_learning_rate=0.01,
                          batch_size=128, include_dense=False, init_alpha=0.05),
-        finetune_epochs=5, finetune_learning_rate=0.01, latency_batch=128,
+        finetune_epochs=5, finetune_learning_rate=0.01,
+        latency_batch=128,  # every job's summary.json has measured forward latency at this batch (0: off)
         # budgets (at most one; 0: keep_ratio as given) set the largest uniform keep_ratio whose aligned widths
         # meet them: a fraction of the dense FLOPs, or of the dense latency on this device (jaxcompress.latency,
         # measured at latency_batch and cached)
@@ -121,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
     # baselines on stamp.target (same fine-tune epochs, same final size)
     c.stamp = ml_collections.ConfigDict(dict(
         reference_classes=(0, 1, 2, 3, 4), reference_train_size=0,  # 0: every reference training example
-        target=ml_collections.ConfigDict(dict(name="", data_dir="", image_size=0, channels=0,  # "": config.data
+        target=ml_collections.ConfigDict(dict(name="", data_dir="", image_size=0, channels=0,  # ""/0: config.data's
                                               classes=(5, 6, 7, 8, 9))),
         target_train_size=0, val_size=500, allow_overlap=False,
         head_classes=0,  # classifier outputs; 0: number of reference classes

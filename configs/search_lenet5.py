@@ -8,24 +8,30 @@ python -m launch.main --config=configs/search_lenet5.py --workdir=workdirs/searc
 from configs import default
 
 
-def get_config():
+def lenet5_mnist(job: str):
+    """What every LeNet-5 / MNIST search config shares (this one and configs/bench/search_*.py)."""
     c = default.get_config()
-    c.job = "search"
+    c.job = job
     c.model.name = "lenet5"
     c.data.name = "mnist"
     c.search.checkpoint = "workdirs/bench_lenet5_mnist"
+    c.search.scope = "all"
+    c.search.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded rows)
+    return c
+
+
+def get_config():
+    c = lenet5_mnist("search")
     c.search.agent = "ppo"
     c.search.num_actors = 16
     c.search.episodes = 960
     c.search.flops_budget = 0.2
     c.search.params_budget = 0.1
     c.search.a_min, c.search.a_max = 0.0, 0.95
-    c.search.scope = "all"
     c.search.eval_size = 1000
     c.search.finetune_epochs = 8
     c.search.finetune_learning_rate = 0.02
     c.search.quant.episodes = 256
     c.search.quant.bits_budget = 5.0
     c.search.quant.qat_epochs = 2
-    c.search.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded row)
     return c

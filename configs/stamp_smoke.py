@@ -6,7 +6,7 @@ from configs.bench import stamp_cifar10
 
 
 def get_config():
-    c = stamp_cifar10.get_config()
+    c = stamp_cifar10.get_config("small")
     c.model.width_multiplier = 0.125
     c.train.num_epochs = 1
     s = c.stamp

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Sequence
@@ -70,11 +71,14 @@ def _layer_fn(key):
 
 @dataclasses.dataclass
 class LatencyTable:
-    """Seconds per layer shape, for one device key; persisted as JSON."""
+    """Seconds per layer shape, for one device key; persisted as JSON. `fits` keeps the
+    fitted (scale, offset) of each `LatencyModel.fit`, so a network's model is measured
+    once per device and every later run predicts the same."""
 
     device: str
     entries: dict[str, float] = dataclasses.field(default_factory=dict)
     path: str | None = None
+    fits: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | None = None) -> "LatencyTable":
@@ -90,7 +94,7 @@ class LatencyTable:
                 logging.warning("latency table %s is unreadable (%s); rebuilding it", path, e)
                 return cls(here, path=path)
             if data.get("device") == here:
-                return cls(here, dict(data.get("entries", {})), path)
+                return cls(here, dict(data.get("entries", {})), path, dict(data.get("fits", {})))
             logging.warning("latency table %s was measured on %s, this is %s; rebuilding it",
                             path, data.get("device"), here)
         return cls(here, path=path)
@@ -100,7 +104,7 @@ class LatencyTable:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             tmp = f"{self.path}.tmp"
             with open(tmp, "w") as f:
-                json.dump({"device": self.device, "entries": self.entries}, f)
+                json.dump({"device": self.device, "entries": self.entries, "fits": self.fits}, f)
             os.replace(tmp, self.path)
 
     def measure(self, keys: Sequence[tuple], rounds: int = 3) -> None:
@@ -175,12 +179,20 @@ class LatencyModel:
         """Predicted latency as a fraction of the dense network's."""
         return self(widths) / self(self.table.widths)
 
-    def fit(self, widths_list: Sequence[Sequence[int]], rounds: int = 3) -> "LatencyModel":
-        """Fits (scale, offset) to the measured latency at these widths (>= 2 vectors)."""
+    def fit(self, widths_list: Sequence[Sequence[int]], rounds: int = 3, refit: bool = False) -> "LatencyModel":
+        """Fits (scale, offset) to the measured latency at these widths (>= 2 vectors);
+        a fit of the same network and widths cached in the table is reused unless `refit`."""
+        key = hashlib.sha1(repr((type(self.table.model).__name__, self.batch,
+                                 [layer_shapes(self.table, w, self.batch) for w in widths_list])).encode()).hexdigest()
+        if key in self.lut.fits and not refit:
+            self.scale, self.offset = self.lut.fits[key]
+            return self
         measured = np.asarray(measure_networks(self.table, widths_list, self.batch, rounds))
         sums = np.asarray([self.layer_sum(w) for w in widths_list])
         A = np.stack([sums, np.ones_like(sums)], 1)
         self.scale, self.offset = (float(v) for v in np.linalg.lstsq(A, measured, rcond=None)[0])
+        self.lut.fits[key] = [self.scale, self.offset]
+        self.lut.save()
         return self
 
 

@@ -85,6 +85,26 @@ def test_fit_recovers_scale_and_offset(zoo, monkeypatch):
     np.testing.assert_allclose([model.scale, model.offset], [3.0, 0.002], rtol=1e-6)
 
 
+def test_fit_is_cached_per_network_and_widths(zoo, tmp_path, monkeypatch):
+    table = zoo.table("lenet5")
+    calls = []
+
+    def measure(t, ws, b, rounds=3):
+        calls.append(len(ws))
+        return [(2.0 + len(calls)) * 1e-9 * sum(FormulaTable.formula(k) for k in layer_shapes(t, w, b)) + 1e-3
+                for w in ws]
+
+    monkeypatch.setattr(latency, "measure_networks", measure)
+    monkeypatch.setattr(LatencyTable, "measure", FormulaTable.measure)
+    path, vectors = str(tmp_path / "lat.json"), [table.widths, [4, 8, 64, 48], [2, 8, 16, 8]]
+    first = LatencyModel(LatencyTable.load(path), table, 4).fit(vectors)
+    again = LatencyModel(LatencyTable.load(path), table, 4).fit(vectors)  # a later run: from the file
+    assert calls == [3] and (again.scale, again.offset) == (first.scale, first.offset)
+    LatencyModel(LatencyTable.load(path), table, 4).fit(vectors[:2])  # other widths: measured
+    refit = LatencyModel(LatencyTable.load(path), table, 4).fit(vectors, refit=True)
+    assert calls == [3, 2, 3] and refit.scale != first.scale
+
+
 def test_grid_equals_model_at_grid_points_and_interpolates(zoo):
     table = zoo.table("resnet20")
     model = _formula_model(table)

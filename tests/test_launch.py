@@ -100,6 +100,9 @@ def test_train_run_writes_config_metrics_summary_and_checkpoints(reference_run):
     assert s["test_accuracy"] > 0.5  # it learned something (chance is 0.1)
     assert s["val_accuracy"] == metrics[-1]["val"]["accuracy"]
     assert s["best_val_accuracy"] == max(m["val"]["accuracy"] for m in metrics)
+    # measured forward latency of the trained network at prune.latency_batch (issue 7: in every summary)
+    assert s["latency_batch"] == config["prune"]["latency_batch"] == 128
+    assert list(s["latency_s"]) == ["trained"] and 0.0 < s["latency_s"]["trained"] < 10.0
 
     assert r["checkpoints"] and max(r["checkpoints"]) == EPOCHS * STEPS_PER_EPOCH
     assert len(r["checkpoints"]) <= 2  # checkpoint.max_to_keep
@@ -138,6 +141,7 @@ def test_evaluate_reproduces_test_accuracy(reference_run, evaluations):
     if best["steps"] == s["steps"]:
         assert best["test_accuracy"] == s["test_accuracy"]
     assert _is_count_ratio(best["test_accuracy"], NUM_TEST)
+    assert list(last["latency_s"]) == ["trained"] and last["latency_s"]["trained"] > 0.0  # as the train job
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -192,3 +192,32 @@ def test_aligned_stamp_masks_round_down_to_the_multiple(zoo):
         k = int(a.sum())
         assert k == len(p) or (k % 8 == 0 and (k <= m.sum() or k == 8))
         assert np.all(p[a > 0].min() >= p[a == 0].max()) if 0 < k < len(p) else True  # most probable kept
+
+
+def test_budget_masks_meet_the_budget_after_alignment():
+    """LeNet-5 at 30% of the parameters: conv2's 16 channels feed fc1 25 times each, so
+    an unaligned choice of a few conv2 channels raised to the multiple 8 would break the
+    budget; the bisection costs the aligned masks, so they meet it."""
+    from jaxcompress.models import create_model
+    from jaxcompress.stamp import check_budget
+    from jaxcompress.pruning import align
+    from jaxcompress.errors import ConfigError
+    table = describe(create_model("lenet5", 5), (28, 28, 1))
+    layout = GroupLayout(table, tuple(range(table.num_groups)))
+    mults = align.group_multiples(table.widths, list(layout.groups), None)
+    assert [mults[g] for g in layout.groups] == [2, 8, 8, 8]  # 6 -> 2 (<= W/2), else the backend's 8
+    rng = np.random.default_rng(1)
+    probs = [rng.random(w) for w in layout.widths]
+    probs[1] *= 0.01  # conv2 channels least probable: the unaligned budget choice keeps one or two of them
+    unaligned = hard_group_masks(layout, probs, "budget", budget=0.3, metric="params", multiple=1)
+    masks = hard_group_masks(layout, probs, "budget", budget=0.3, metric="params", multiple=None)
+    counts = [int(m.sum()) for m in masks]
+    assert int(unaligned[1].sum()) < 8 <= counts[1]
+    assert all(k == w or k % mults[g] == 0 for k, w, g in zip(counts, layout.widths, layout.groups))
+    assert float(layout.cost_fraction(counts, "params")) <= 0.3
+    # the budget check knows the aligned minimum: 2/8/8/8 channels leave more than 1-1-1-1 does
+    assert layout.min_fraction("params", None) > layout.min_fraction("params", 1)
+    low = layout.min_fraction("params", None)
+    check_budget(layout, low, "params", None)
+    with pytest.raises(ConfigError, match="fewest aligned channels.*prune.multiple=1"):
+        check_budget(layout, low * 0.99, "params", None)

@@ -7,18 +7,13 @@ python -m launch.main --config=configs/bench/search_agents.py --workdir=workdirs
 """
 import ml_collections
 
-from configs import default
+from configs.search_lenet5 import lenet5_mnist
 
 
 def get_config():
-    c = default.get_config()
-    c.job = "bench_search_agents"
-    c.model.name = "lenet5"
-    c.data.name = "mnist"
-    c.search.checkpoint = "workdirs/bench_lenet5_mnist"
+    c = lenet5_mnist("bench_search_agents")
     c.search.flops_budget = 0.5
     c.search.a_max = 0.9
-    c.search.scope = "all"
     c.search.episodes = 800  # AMC: ~800 episodes
     c.search.eval_size = 512
     c.search.finetune_epochs = 1
@@ -28,5 +23,4 @@ def get_config():
         agents=("ppo", "ddpg"), seeds=(0, 1, 2),
         num_actors={"ppo": 16, "ddpg": 16},  # same episodes per update for both
         final_window=100, finetune=True))
-    c.search.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded row)
     return c

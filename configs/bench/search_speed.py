@@ -6,22 +6,16 @@ python -m launch.main --config=configs/bench/search_speed.py --workdir=workdirs/
 """
 import ml_collections
 
-from configs import default
+from configs.search_lenet5 import lenet5_mnist
 
 
 def get_config():
-    c = default.get_config()
-    c.job = "bench_search_speed"
-    c.model.name = "lenet5"
-    c.data.name = "mnist"
-    c.search.checkpoint = "workdirs/bench_lenet5_mnist"
+    c = lenet5_mnist("bench_search_speed")
     c.search.flops_budget = 0.5
-    c.search.scope = "all"
     c.bench = ml_collections.ConfigDict(dict(
         eval_sizes=(64, 256, 1000),  # validation images per candidate
         actors=(1, 8, 16, 32),
         loop_actors=(1, 8, 16, 32),  # N at which the Python loop is timed too
         jit_episodes=64,  # jitted episodes per timing round (after compile + one warm-up iteration)
         rounds=5))  # interleaved rounds: jit block, then one Python-loop iteration of N episodes
-    c.search.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded row)
     return c

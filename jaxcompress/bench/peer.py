@@ -55,7 +55,7 @@ from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.surgery import shrink
+from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.train.metrics import write_json
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_torch_pruning.py")
@@ -179,8 +179,8 @@ def jaxcompress_side(name: str, flops_budget: float, scope: str = "all", multipl
         prune_seconds=dict(first=first, median=median, build_first=a_first, build_median=a_median,
                            step_first=p_first, step_median=p_median, repeats=repeats),
     )
-    nets = {"dense": (model, speedup.without_masks(variables)),
-            "pruned": (small_model, speedup.without_masks(small_vars))}
+    nets = {"dense": (model, without_masks(variables)),
+            "pruned": (small_model, without_masks(small_vars))}
     return result, nets
 
 

@@ -17,7 +17,7 @@ from jaxcompress import cost
 from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.surgery import shrink
+from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.train.metrics import write_json
 
 
@@ -37,10 +37,6 @@ def l1_masks(table, variables, keep_ratio: float, scope: str, multiple: int):
     masks = table.layer_masks(C.masks_from_scores(C.channel_scores(table, variables, "l1"), counts),
                               variables["masks"])
     return counts, masks
-
-
-def without_masks(variables) -> dict:
-    return {k: v for k, v in variables.items() if k != "masks"}
 
 
 def measure(name: str, flops_fraction: float, multiple: int | None, scope: str, batch: int, rounds: int,

@@ -22,7 +22,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget, latency_model
 from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.surgery import shrink
+from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.report import plot_layer_bars
 from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
 from jaxcompress.train.loop import fit, make_eval_fn, reference_state, steps_per_epoch
@@ -178,9 +178,8 @@ def prune_and_finetune(config, workdir: str) -> dict:
     small_eval = make_eval_fn(small_exp, config.train.eval_batch_size)
     final, final_val = small_eval(small_state, small_exp.test), small_eval(small_state, small_exp.val)
 
-    nets = {"dense": (exp.model, {k: v for k, v in state.variables().items() if k != "masks"}),
-            "masked": (exp.model, state.variables()),
-            "shrunk": (small_model, {k: v for k, v in small_state.variables().items() if k != "masks"})}
+    nets = {"dense": (exp.model, without_masks(state.variables())), "masked": (exp.model, state.variables()),
+            "shrunk": (small_model, without_masks(small_state.variables()))}
     latency = forward_latencies(nets, exp.input_shape, p.latency_batch) if p.latency_batch else {}
 
     names = exp.table.group_names
@@ -198,7 +197,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
         flops_pruned_structural=pruned_cost["totals"]["flops"],
         bytes_dense=dense_cost["totals"]["bytes"], bytes_pruned=pruned_cost["totals"]["bytes"],
         widths_dense=list(exp.table.widths), widths_pruned=pruned_cost["widths"], groups=list(names),
-        latency_s={k: v for k, v in latency.items()}, latency_batch=p.latency_batch,
+        latency_s=latency, latency_batch=p.latency_batch,
         flops_budget=p.flops_budget or None, latency_budget=p.latency_budget or None,
         latency_predicted_fraction=predicted,
         speedup_shrunk=latency["dense"] / latency["shrunk"] if latency else None,

@@ -42,6 +42,11 @@ def _gather_leaf(leaf, axis_groups, kept, widths):
     return leaf
 
 
+def without_masks(variables: Mapping) -> dict:
+    """The variables without their `masks` collection: what a plain (or shrunk) network runs on."""
+    return {k: v for k, v in variables.items() if k != "masks"}
+
+
 def shrink(table: ModelTable, variables: Mapping) -> tuple[nn.Module, dict]:
     """Returns `(smaller_model, smaller_variables)` with pruned channels removed.
 

@@ -24,11 +24,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.rl.ppo import Critic
+from jaxcompress.rl.nets import ActorCritic, ActorCriticState, Critic, adam_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,40 +96,25 @@ class ReplayBuffer(struct.PyTreeNode):
                     next_obs=self.next_obs[idx], done=self.done[idx])
 
 
-class DDPGState(struct.PyTreeNode):
-    actor: dict
-    critic: dict
-    target_actor: dict
-    target_critic: dict
-    actor_opt: optax.OptState
-    critic_opt: optax.OptState
+class DDPGState(ActorCriticState):
     buffer: ReplayBuffer
     moving_average: jax.Array
     baseline_ready: jax.Array
 
 
-class DDPG:
+class DDPG(ActorCritic):
     """The agent: static config + pure functions of a `DDPGState`."""
 
     name = "ddpg"
 
     def __init__(self, config: DDPGConfig, obs_dim: int, num_steps: int):
         self.config = config
-        self.obs_dim = obs_dim
         self.num_steps = num_steps
-        self.actor_net = DeterministicActor(config.hidden)
-        self.critic_net = Critic(config.hidden, layers=2)
-        self.actor_tx = optax.adam(config.actor_lr)
-        self.critic_tx = optax.adam(config.critic_lr)
+        super().__init__(obs_dim, DeterministicActor(config.hidden), Critic(config.hidden, layers=2),
+                         config.actor_lr, config.critic_lr)
 
     def init(self, key) -> DDPGState:
-        k1, k2 = jax.random.split(key)
-        obs = jnp.zeros((1, self.obs_dim))
-        actor = self.actor_net.init(k1, obs)
-        critic = self.critic_net.init(k2, obs, jnp.zeros((1,)))
-        return DDPGState(actor=actor, critic=critic, target_actor=actor, target_critic=critic,
-                         actor_opt=self.actor_tx.init(actor), critic_opt=self.critic_tx.init(critic),
-                         buffer=ReplayBuffer.create(self.config.buffer_size, self.obs_dim),
+        return DDPGState(**self.init_networks(key), buffer=ReplayBuffer.create(self.config.buffer_size, self.obs_dim),
                          moving_average=jnp.zeros((), jnp.float32), baseline_ready=jnp.zeros((), bool))
 
     def greedy(self, actor_params, obs):
@@ -165,21 +149,15 @@ class DDPG:
         def critic_loss(p):
             return jnp.mean((self.critic_net.apply(p, batch["obs"], batch["action"]) - target) ** 2)
 
-        closs, grads = jax.value_and_grad(critic_loss)(state.critic)
-        updates, critic_opt = self.critic_tx.update(grads, state.critic_opt, state.critic)
-        critic = optax.apply_updates(state.critic, updates)
+        critic, critic_opt, closs = adam_step(self.critic_tx, critic_loss, state.critic, state.critic_opt)
 
         def actor_loss(p):
             return -jnp.mean(self.critic_net.apply(critic, batch["obs"], self.greedy(p, batch["obs"])))
 
-        aloss, grads = jax.value_and_grad(actor_loss)(state.actor)
-        updates, actor_opt = self.actor_tx.update(grads, state.actor_opt, state.actor)
-        actor = optax.apply_updates(state.actor, updates)
+        actor, actor_opt, aloss = adam_step(self.actor_tx, actor_loss, state.actor, state.actor_opt)
         state = state.replace(actor=actor, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt,
                               moving_average=ma, baseline_ready=jnp.ones((), bool))
-        state = state.replace(target_actor=optax.incremental_update(actor, state.target_actor, c.tau),
-                              target_critic=optax.incremental_update(critic, state.target_critic, c.tau))
-        return state, (closs, aloss)
+        return self.polyak(state), (closs, aloss)
 
     def update(self, state: DDPGState, batch, key, episode):
         """Stores the N x T transitions (reward = the episode's final reward), then, once

@@ -192,7 +192,7 @@ class PruneEnv(CompressionEnv):
         self._check_affine()
         self.latency = None
         if latency_budget:
-            self._init_latency(latency_model, float(latency_budget), a_max)
+            self.add_latency_budget(latency_model, latency_budget)
         # Static features: geometry of each group's first producer, bounds, the group's FLOPs, the rest.
         group_flops = np.zeros(table.num_groups)
         for i, layer in enumerate(table.layers):
@@ -207,8 +207,11 @@ class PruneEnv(CompressionEnv):
         # later[t, g]: group g is decided after step t (assumed at its lowest count by the wall).
         self.later = (self.step_of_group[None, :] > np.arange(T)[:, None]) & (self.step_of_group[None, :] < T)
 
-    def _init_latency(self, model, budget: float, a_max: float):
+    def add_latency_budget(self, model, budget: float) -> "PruneEnv":
+        """Adds the latency wall: `budget` of the dense latency predicted by `model` (a
+        `LatencyModel`, e.g. fitted on this env's `min_widths`); infeasible = ConfigError."""
         from jaxcompress.latency import LatencyGrid, check_latency_budget
+        budget = float(budget)
         check_latency_budget(budget, "search.latency_budget")
         if model is None:
             raise ValueError("PruneEnv: a latency_budget needs a latency_model (jaxcompress.latency.latency_model)")
@@ -223,7 +226,8 @@ class PruneEnv(CompressionEnv):
             self.cands[t, :len(counts[g])] = counts[g]
         self.latency_dense = float(self.latency(self.widths))
         self.latency_budget = budget * self.latency_dense
-        _check_reachable("latency", budget, float(self.latency(self.min_widths)) / self.latency_dense, a_max)
+        _check_reachable("latency", budget, float(self.latency(self.min_widths)) / self.latency_dense, self.a_max)
+        return self
 
     # -- cost ----------------------------------------------------------------------
     def flops(self, widths):

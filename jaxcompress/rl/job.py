@@ -35,14 +35,13 @@ import numpy as np
 from absl import logging
 
 from jaxcompress import cost
-from jaxcompress.bench.speedup import without_masks
 from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget, latency_model
 from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.surgery import shrink
+from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.rl import report
 from jaxcompress.rl.ddpg import DDPG, DDPGConfig
 from jaxcompress.rl.env import OBS_DIM, PruneEnv, QuantEnv, check_bits_bounds, check_prune_bounds
@@ -212,9 +211,8 @@ def search(config, workdir: str) -> dict:
     groups = C.prunable_groups(table, s.scope)
     env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None)  # infeasible budget: fails here
     if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
-        lat_model = latency_model(table, config.prune.latency_batch, list(env.groups), env.min_widths.astype(int))
-        env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None,
-                       lat_model, s.latency_budget)
+        env.add_latency_budget(latency_model(table, config.prune.latency_batch, list(env.groups),
+                                             env.min_widths.astype(int)), s.latency_budget)
     state = reference_state(config, exp, s.checkpoint, workdir, "search.checkpoint")
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense_test, dense_val = evaluate(state, exp.test), evaluate(state, exp.val)

@@ -35,11 +35,10 @@ import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 import rlax
-from flax import struct
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.rl.nets import ActorCritic, ActorCriticState, Critic, adam_step
 
 _EPS = 1e-6
 
@@ -98,48 +97,21 @@ class Actor(nn.Module):
         return mean[..., 0], jnp.broadcast_to(log_std, mean[..., 0].shape)
 
 
-class Critic(nn.Module):
-    hidden: int
-    layers: int = 1
-
-    @nn.compact
-    def __call__(self, obs, action):
-        h = jnp.concatenate([obs, action[..., None]], axis=-1)
-        for i in range(self.layers):
-            h = nn.relu(nn.Dense(self.hidden, name=f"hidden{i}")(h))
-        return nn.Dense(1, name="out")(h)[..., 0]
+PPOState = ActorCriticState  # PPO keeps nothing besides the networks and their optimizers
 
 
-class PPOState(struct.PyTreeNode):
-    actor: dict
-    critic: dict
-    target_actor: dict
-    target_critic: dict
-    actor_opt: optax.OptState
-    critic_opt: optax.OptState
-
-
-class PPO:
+class PPO(ActorCritic):
     """The agent: static config + pure functions of a `PPOState`."""
 
     name = "ppo"
 
     def __init__(self, config: PPOConfig, obs_dim: int):
         self.config = config
-        self.obs_dim = obs_dim
-        self.actor_net = Actor(config.hidden, config.policy, config.init_std)
-        self.critic_net = Critic(config.hidden)
-        self.actor_tx = optax.adam(config.actor_lr)
-        self.critic_tx = optax.adam(config.critic_lr)
+        super().__init__(obs_dim, Actor(config.hidden, config.policy, config.init_std), Critic(config.hidden),
+                         config.actor_lr, config.critic_lr)
 
-    # -- state ---------------------------------------------------------------------
     def init(self, key) -> PPOState:
-        k1, k2 = jax.random.split(key)
-        obs = jnp.zeros((1, self.obs_dim))
-        actor = self.actor_net.init(k1, obs)
-        critic = self.critic_net.init(k2, obs, jnp.zeros((1,)))
-        return PPOState(actor=actor, critic=critic, target_actor=actor, target_critic=critic,
-                        actor_opt=self.actor_tx.init(actor), critic_opt=self.critic_tx.init(critic))
+        return PPOState(**self.init_networks(key))
 
     # -- policy --------------------------------------------------------------------
     def distribution(self, actor_params, obs):
@@ -219,10 +191,8 @@ class PPO:
         targets = jax.lax.stop_gradient(self.critic_targets(state, batch, key))
 
         def critic_step(carry, _):
-            params, opt = carry
-            loss, grads = jax.value_and_grad(self.critic_loss)(params, batch, targets)
-            updates, opt = self.critic_tx.update(grads, opt, params)
-            return (optax.apply_updates(params, updates), opt), loss
+            params, opt, loss = adam_step(self.critic_tx, self.critic_loss, *carry, batch, targets)
+            return (params, opt), loss
 
         (critic, critic_opt), critic_losses = jax.lax.scan(critic_step, (state.critic, state.critic_opt),
                                                            None, c.critic_epochs)
@@ -230,11 +200,8 @@ class PPO:
         adv = self.advantages(state, batch)
 
         def actor_step(carry, _):
-            params, opt = carry
-            (loss, ratio), grads = jax.value_and_grad(self.policy_loss, has_aux=True)(params, batch, adv)
-            updates, opt = self.actor_tx.update(grads, opt, params)
-            clipped = jnp.mean(jnp.abs(ratio - 1.0) > c.clip)
-            return (optax.apply_updates(params, updates), opt), (loss, clipped)
+            params, opt, (loss, ratio) = adam_step(self.actor_tx, self.policy_loss, *carry, batch, adv, has_aux=True)
+            return (params, opt), (loss, jnp.mean(jnp.abs(ratio - 1.0) > c.clip))
 
         (actor, actor_opt), (actor_losses, clip_frac) = jax.lax.scan(actor_step, (state.actor, state.actor_opt),
                                                                     None, c.epochs)
@@ -244,8 +211,3 @@ class PPO:
         if c.policy == "gaussian":
             metrics["policy_std"] = jnp.exp(actor["params"]["log_std"])
         return state, metrics
-
-    def polyak(self, state: PPOState) -> PPOState:
-        tau = self.config.tau
-        return state.replace(target_actor=optax.incremental_update(state.actor, state.target_actor, tau),
-                             target_critic=optax.incremental_update(state.critic, state.target_critic, tau))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from jaxcompress.pruning.surgery import shrink
 from jaxcompress.stamp import kumaraswamy as K
 from jaxcompress.stamp.generator import FreeGates, GroupLayout, SparsityObjective, hard_group_masks
 from jaxcompress.train.loop import fit, make_eval_fn
+from jaxcompress.train.metrics import MetricWriter
 from jaxcompress.train.optim import make_optimizer
 from jaxcompress.train.state import create_train_state
 from jaxcompress.train.steps import cross_entropy
@@ -146,11 +146,21 @@ def prune_to(layout: GroupLayout, variables, masks):
     return shrink(layout.table, {**{k: v for k, v in variables.items() if k != "quant"}, "masks": masks})
 
 
-def timed(fn, *args, **kwargs):
-    start = time.time()
-    out = fn(*args, **kwargs)
-    return out, time.time() - start
-
-
 def method_dir(workdir: str, name: str) -> str:
     return os.path.join(workdir, "target", name)
+
+
+def val_curve(directory: str, target_time: float, end: float) -> list[list[float]]:
+    """`[target-side seconds, validation accuracy]` after each fine-tune epoch logged
+    in `<directory>/metrics.jsonl`, for a method whose target side took `target_time`
+    seconds and ended at wall-clock `end` (so what came before its fine-tune, e.g.
+    the dense fine-tune of magnitude pruning, counts). Epochs of an earlier,
+    interrupted run (before this method's start) are left out."""
+    points = [[target_time - (end - r["time"]), r["val"]["accuracy"]] for r in MetricWriter(directory).read()
+              if "val" in r]
+    return [p for p in points if p[0] >= 0.0]
+
+
+def time_to_accuracy(curve: list[list[float]], accuracy: float) -> float | None:
+    """First target-side time at which the curve reaches `accuracy`; None if never."""
+    return next((t for t, a in curve if a >= accuracy), None)

@@ -107,8 +107,14 @@ class GroupLayout:
         key = "flops" if metric == "flops" else "params"
         return cost.count(self.table, self.widths_vector(per_group_counts))[key] / cost.count(self.table)[key]
 
-    def min_fraction(self, metric: str, min_channels: int = 1) -> float:
-        return float(self.cost_fraction([min(min_channels, w) for w in self.widths], metric))
+    def min_counts(self, multiple: int | None = 1) -> list[int]:
+        """The fewest channels each group can keep: one, or its channel multiple
+        (`jaxcompress.pruning.align`) when counts are aligned."""
+        mults = align.group_multiples(self.table.widths, list(self.groups), multiple)
+        return [min(mults[g], w) for g, w in zip(self.groups, self.widths)]
+
+    def min_fraction(self, metric: str, multiple: int | None = 1) -> float:
+        return float(self.cost_fraction(self.min_counts(multiple), metric))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,16 +136,19 @@ class SparsityObjective:
         return reg, {"kl": kl, "expected_fraction": frac}
 
 
-def check_budget(layout: GroupLayout, budget: float, metric: str) -> None:
-    """ConfigError when no mask (>= 1 channel per group) can meet `budget`."""
+def check_budget(layout: GroupLayout, budget: float, metric: str, multiple: int | None = 1) -> None:
+    """ConfigError when no mask (>= 1 channel, or the group's channel multiple, per
+    group) can meet `budget`."""
     if metric not in BUDGET_METRICS:
         raise ConfigError(f"unknown stamp.budget_metric '{metric}'; choose one of {', '.join(BUDGET_METRICS)}")
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"stamp.budget={budget:g} is outside (0, 1]")
-    low = layout.min_fraction(metric)
+    low = layout.min_fraction(metric, multiple)
     if low > budget:
-        raise ConfigError(f"a {metric} budget of {budget:.1%} is below reach: one channel per prunable group "
-                          f"already leaves {low:.1%}; raise stamp.budget or prune more groups (stamp.scope=all)")
+        fewest = "one channel" if multiple == 1 else "the fewest aligned channels"
+        raise ConfigError(f"a {metric} budget of {budget:.1%} is below reach: {fewest} per prunable group "
+                          f"already leaves {low:.1%}; raise stamp.budget, prune more groups (stamp.scope=all)"
+                          + ("" if multiple == 1 else " or set prune.multiple=1 (unaligned counts)"))
 
 
 def hard_group_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], mode: str = "threshold",
@@ -148,10 +157,10 @@ def hard_group_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], mode:
     """Binary masks of the prunable groups from test-time keep probabilities E[pi].
 
     `threshold`: keep E[pi] >= threshold (BBDropout's rule). `budget`: keep the
-    globally highest E[pi] such that the network's `metric` fraction is at most
-    `budget` (largest such set, by bisection over the global ranking). Either way
-    each group keeps at least its most probable channel; then, unless `multiple` is 1,
-    kept counts are aligned (`align_masks`).
+    globally highest E[pi] such that the network's `metric` fraction, after
+    alignment, is at most `budget` (largest such set, by bisection over the global
+    ranking). Either way each group keeps at least its most probable channel; then,
+    unless `multiple` is 1, kept counts are aligned (`align_masks`).
     """
     keep_prob = [np.asarray(p, np.float64) for p in keep_prob]
     if mode == "threshold":
@@ -170,17 +179,17 @@ def hard_group_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], mode:
         order = np.concatenate([np.flatnonzero(forced), np.flatnonzero(~forced)[np.argsort(-flat[~forced],
                                                                                              kind="stable")]])
 
-        def masks_for(k):
+        def masks_for(k):  # the k globally most probable channels, aligned (monotone in k)
             ms = [np.zeros(len(p), np.float32) for p in keep_prob]
             for j in order[:k]:
                 ms[owner[j]][index[j]] = 1.0
-            return ms
+            return ms if multiple == 1 else align_masks(layout, keep_prob, ms, multiple)
 
         frac = lambda k: float(layout.cost_fraction([m.sum() for m in masks_for(k)], metric))
         lo, hi = len(keep_prob), len(flat)
         if frac(lo) > budget:
-            raise ConfigError(f"a {metric} budget of {budget:.1%} is below reach (one channel per group "
-                              f"leaves {frac(lo):.1%})")
+            raise ConfigError(f"a {metric} budget of {budget:.1%} is below reach (the fewest channels per group "
+                              f"leave {frac(lo):.1%})")
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if frac(mid) <= budget else (lo, mid - 1)

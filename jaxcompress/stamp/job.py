@@ -113,6 +113,16 @@ def _stage_time(path, fn):
     return out, elapsed
 
 
+def stamp_time_ratios(results: dict) -> dict:
+    """The paper's time claim, per method: target-side seconds until its validation
+    accuracy (after an epoch) first reaches STAMP's final one, and that time over
+    STAMP's target-side time (None: never reached within its fine-tune budget)."""
+    goal, stamp_time = results["stamp"]["val_accuracy"], results["stamp"]["target_time_s"]
+    reach = {k: D.time_to_accuracy(r["val_curve"], goal) for k, r in results.items() if k != "stamp"}
+    return dict(stamp_val_accuracy=goal, time_to_stamp_val_accuracy_s=reach,
+                time_ratio_to_stamp={k: (t / stamp_time if t is not None else None) for k, t in reach.items()})
+
+
 def run(config, workdir: str) -> dict:
     wall_start = time.time()
     check_stamp_config(config)
@@ -122,7 +132,10 @@ def run(config, workdir: str) -> dict:
     t = s.target
     ref_split = _split(config.data.name, config.data.data_dir, config.data.image_size, config.data.channels,
                        tuple(s.reference_classes), s.reference_train_size, s.val_size, config.seed)
-    tgt_split = _split(t.name or config.data.name, t.data_dir or config.data.data_dir, t.image_size, t.channels,
+    same = not t.name or t.name == config.data.name  # the target's images are prepared like the reference's
+    tgt_split = _split(t.name or config.data.name, t.data_dir or config.data.data_dir,
+                       t.image_size or (config.data.image_size if same else 0),
+                       t.channels or (config.data.channels if same else 0),
                        tuple(t.classes), s.target_train_size, s.val_size, config.seed)
     head = s.head_classes or ref_split[3]
     if tgt_split[3] > head:
@@ -135,7 +148,7 @@ def run(config, workdir: str) -> dict:
     input_shape = tuple(ref_split[0][0].shape[1:])
     table = describe(model, input_shape)
     layout = GroupLayout(table, tuple(C.prunable_groups(table, s.scope)))
-    check_budget(layout, s.budget, s.budget_metric)
+    check_budget(layout, s.budget, s.budget_metric, config.prune.multiple)
     ref_exp, tgt_exp = _experiment(ref_split, model, table, mesh), _experiment(tgt_split, model, table, mesh)
 
     # 1. reference network
@@ -190,7 +203,9 @@ def run(config, workdir: str) -> dict:
         results[name] = dict(accuracy=test["accuracy"], val_accuracy=val["accuracy"],
                              params_pct=100 * float(c["params"] / dense_cost["params"]),
                              flops_pct=100 * float(c["flops"] / dense_cost["flops"]), widths=list(widths),
-                             target_time_s=target_time, total_time_s=target_time + base_time, **(extra or {}))
+                             target_time_s=target_time, total_time_s=target_time + base_time,
+                             val_curve=D.val_curve(D.method_dir(workdir, name), target_time, time.time()),
+                             **(extra or {}))
         write_json(os.path.join(workdir, "target", "results.json"), results)  # partial results as we go
         logging.info("stamp target %-16s acc %.4f params %.1f%% flops %.1f%% target %.1fs", name,
                      test["accuracy"], results[name]["params_pct"], results[name]["flops_pct"], target_time)
@@ -280,5 +295,6 @@ def run(config, workdir: str) -> dict:
                    latency_batch=config.prune.latency_batch,
                    wall_time_s=time.time() - wall_start)
     summary.update({f"accuracy_{k}": v["accuracy"] for k, v in results.items()})
+    summary.update(stamp_time_ratios(results))
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

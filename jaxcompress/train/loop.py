@@ -15,6 +15,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxcompress import cost
+from jaxcompress.bench.timing import forward_latencies
 from jaxcompress.data import BatchIterator, iterate_eval, shard_batch
 from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
@@ -47,13 +48,17 @@ def cost_report(exp: Experiment, state: TrainState) -> dict:
 
 
 def _summary(config, exp, state, wall_start, **extra) -> dict:
+    """The train / evaluate summary: cost report, devices, measured forward latency of
+    the network (`latency_s`, at `prune.latency_batch` as every job reports; 0: off)."""
     report = cost_report(exp, state)
+    batch = config.prune.latency_batch
+    latency = forward_latencies({"trained": (exp.model, state.variables())}, exp.input_shape, batch) if batch else {}
     return dict(job=config.job, model=config.model.name, dataset=config.data.name,
                 num_classes=exp.num_classes, steps=int(jax.device_get(state.step)),
                 params=report["totals"]["params"], nonzero_params=report["totals"]["nonzero_params"],
                 macs=report["totals"]["macs"], flops=report["totals"]["flops"], bytes=report["totals"]["bytes"],
                 widths=report["widths"], devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
-                wall_time_s=time.time() - wall_start, **extra)
+                latency_s=latency, latency_batch=batch, wall_time_s=time.time() - wall_start, **extra)
 
 
 def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: int | None = None
