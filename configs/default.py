@@ -130,7 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
         meta_checkpoint="",  # a meta-training dir; "" meta-trains into <workdir>/meta (resumable)
         scope="all",  # prunable channel groups: all | inner
         budget=0.3, budget_metric="params",  # params | flops fraction the deployed net must meet
-        budget_weight=5.0, kl_weight=1.0, prior_alpha=1e-4, a_init=2.0, temperature=0.1,
+        budget_weight=5.0, budget_penalty="target",  # target: |E[fraction] - budget| | hinge: relu(E - budget)
+        kl_weight=1.0, prior_alpha=1e-4, a_init=2.0, temperature=0.1,
         mask_mode="budget", threshold=1e-3,  # budget: top E[pi] meeting the budget | threshold: E[pi] >= t
         instance="pretrained", feature_convs=2,  # pretrained: features of the first convs | stem
         pooling="pma", embed_dim=64, num_heads=4, set_size=100,

@@ -221,3 +221,25 @@ def test_budget_masks_meet_the_budget_after_alignment():
     check_budget(layout, low, "params", None)
     with pytest.raises(ConfigError, match="fewest aligned channels.*prune.multiple=1"):
         check_budget(layout, low * 0.99, "params", None)
+
+
+@pytest.mark.parametrize("penalty", ["target", "hinge"])
+def test_sparsity_objective_by_hand(penalty):
+    """reg = kl_weight * KL / N + budget_weight * |gap| (target) or relu(gap) (hinge),
+    gap = E[params fraction] - budget; a network below the budget costs only under
+    'target'."""
+    table = describe(TinyNet(), (8, 8, 3))
+    layout = GroupLayout(table, (0, 1))
+    obj = SparsityObjective(alpha=1e-2, kl_weight=2.0, num_examples=100, budget=0.5, budget_weight=3.0,
+                            penalty=penalty)
+    a = [jnp.full(8, 0.5), jnp.full(12, 0.5)]
+    for b_value in (0.2, 5.0):  # E[pi] high (above budget) and low (below)
+        b = [jnp.full(8, b_value), jnp.full(12, b_value)]
+        reg, info = obj(layout, a, b)
+        kl = float(sum(kl_kumaraswamy_beta(ai, bi, 1e-2).sum() for ai, bi in zip(a, b)))
+        frac = float(layout.cost_fraction([kumaraswamy_mean(ai, bi).sum() for ai, bi in zip(a, b)], "params"))
+        gap = frac - 0.5
+        by_hand = 2.0 * kl / 100 + 3.0 * (abs(gap) if penalty == "target" else max(gap, 0.0))
+        np.testing.assert_allclose(float(reg), by_hand, rtol=1e-5)
+        np.testing.assert_allclose(float(info["expected_fraction"]), frac, rtol=1e-6)
+        assert (gap > 0) == (b_value == 0.2)  # both sides of the budget are exercised

@@ -24,6 +24,7 @@ def test_valid_default_config_passes():
 @pytest.mark.parametrize("change,words", [
     (dict(set_size=0), "set_size"),
     (dict(algorithm="maml2"), "algorithm"),
+    (dict(budget_penalty="ceiling"), "budget_penalty"),
     (dict(methods=("stamp", "oracle")), "methods"),
 ])
 def test_bad_stamp_fields(change, words):

@@ -209,7 +209,8 @@ def search(config, workdir: str) -> dict:
     exp = setup_experiment(config)
     table = exp.table
     groups = C.prunable_groups(table, s.scope)
-    env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None)  # infeasible budget: fails here
+    # an infeasible budget fails here, before any training or evaluation
+    env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None)
     if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
         env.add_latency_budget(latency_model(table, config.prune.latency_batch, list(env.groups),
                                              env.min_widths.astype(int)), s.latency_budget)

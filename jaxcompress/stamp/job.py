@@ -44,6 +44,7 @@ from jaxcompress.train.optim import make_optimizer
 from jaxcompress.train.state import create_train_state
 from jaxcompress.train.steps import make_mesh
 
+BUDGET_PENALTIES = ("target", "hinge")
 METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "bbdropout", "scratch")
 
 
@@ -58,6 +59,9 @@ def check_stamp_config(config) -> None:
         raise ConfigError(f"unknown stamp.pooling '{s.pooling}'; choose pma or mean")
     if s.instance not in ("pretrained", "stem"):
         raise ConfigError(f"unknown stamp.instance '{s.instance}'; choose pretrained or stem")
+    if s.budget_penalty not in BUDGET_PENALTIES:
+        raise ConfigError(f"unknown stamp.budget_penalty '{s.budget_penalty}'; "
+                          f"choose {' or '.join(BUDGET_PENALTIES)}")
     if s.mask_mode not in ("threshold", "budget"):
         raise ConfigError(f"unknown stamp.mask_mode '{s.mask_mode}'; choose threshold or budget")
     unknown = sorted(set(s.methods) - set(METHODS))
@@ -168,8 +172,12 @@ def run(config, workdir: str) -> dict:
     logging.info("stamp: reference network %s, test accuracy %.4f on reference classes", config.model.name, ref_acc)
 
     # 2. meta-training
-    objective = SparsityObjective(alpha=s.prior_alpha, kl_weight=s.kl_weight, num_examples=len(ref_exp.train[0]),
-                                  budget=s.budget, budget_metric=s.budget_metric, budget_weight=s.budget_weight)
+    def sparsity(num_examples):  # STAMP's outer regulariser; BBDropout's on the target
+        return SparsityObjective(alpha=s.prior_alpha, kl_weight=s.kl_weight, num_examples=num_examples,
+                                 budget=s.budget, budget_metric=s.budget_metric, budget_weight=s.budget_weight,
+                                 penalty=s.budget_penalty)
+
+    objective = sparsity(len(ref_exp.train[0]))
     stamp = Stamp(layout=layout, net_variables=variables, mean=ref_exp.mean, std=ref_exp.std, objective=objective,
                   encoder=SetEncoder(dim=s.embed_dim, num_labels=head, pooling=s.pooling, num_heads=s.num_heads),
                   generator=MaskGenerator(group_widths=layout.widths, hidden=s.embed_dim, a_init=s.a_init),
@@ -259,11 +267,9 @@ def run(config, workdir: str) -> dict:
         pruned("snip_init", dict(init_vars), "snip", 0.0, scratch_ft, batch=snip_batch)
     if "bbdropout" in methods:
         start = time.time()
-        bobj = SparsityObjective(alpha=s.prior_alpha, kl_weight=s.kl_weight, num_examples=len(tx_),
-                                 budget=s.budget, budget_metric=s.budget_metric, budget_weight=s.budget_weight)
-        bprobs, bvars = D.train_bbdropout(config, tgt_exp, layout, variables, bobj, epochs=s.bbdropout_epochs,
-                                          learning_rate=s.finetune_learning_rate, temperature=s.temperature,
-                                          seed=config.seed)
+        bprobs, bvars = D.train_bbdropout(config, tgt_exp, layout, variables, sparsity(len(tx_)),
+                                          epochs=s.bbdropout_epochs, learning_rate=s.finetune_learning_rate,
+                                          temperature=s.temperature, seed=config.seed)
         bmasks = D.hard_group_masks(layout, bprobs, "budget", s.threshold, fraction, s.budget_metric,
                                     config.prune.multiple)
         small, small_v = D.prune_to(layout, bvars, layout.layer_masks(bmasks, variables.get("masks")))
