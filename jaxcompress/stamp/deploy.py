@@ -98,7 +98,7 @@ def train_bbdropout(config, exp, layout: GroupLayout, variables, objective: Spar
                     seed: int = 0):
     """BBDropout on the target without meta-learning (Lee et al. 2018): the full
     network is trained jointly with free per-channel Kumaraswamy gates (relaxed
-    Bernoulli, KL to Beta(alpha, 1), budget hinge). Returns (E[pi] per group, variables)."""
+    Bernoulli, KL to Beta(alpha, 1), budget penalty). Returns (E[pi] per group, variables)."""
     model = layout.table.model
     gates = FreeGates(layout.widths)
     params = {"net": variables["params"], "gates": gates.init(jax.random.key(seed))}
