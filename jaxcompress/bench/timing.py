@@ -31,7 +31,9 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], rounds: int = 7
 def forward_latencies(nets: Mapping[str, tuple], input_shape, batch_size: int = 128, rounds: int = 5,
                       seed: int = 0) -> dict[str, float]:
     """Median inference seconds per batch of each `name -> (model, variables)`, jitted,
-    on the same random batch, timed in alternation."""
+    on the same random batch, timed in alternation; {} when `batch_size` is 0 (off)."""
+    if not batch_size:
+        return {}
     x = jax.random.normal(jax.random.key(seed), (batch_size, *input_shape))
     fns = {}
     for name, (model, variables) in nets.items():

@@ -180,7 +180,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
 
     nets = {"dense": (exp.model, without_masks(state.variables())), "masked": (exp.model, state.variables()),
             "shrunk": (small_model, without_masks(small_state.variables()))}
-    latency = forward_latencies(nets, exp.input_shape, p.latency_batch) if p.latency_batch else {}
+    latency = forward_latencies(nets, exp.input_shape, p.latency_batch)
 
     names = exp.table.group_names
     plot_layer_bars(os.path.join(workdir, "widths.png"), names,

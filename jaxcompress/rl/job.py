@@ -255,7 +255,7 @@ def search(config, workdir: str) -> dict:
 
     latency = forward_latencies({"dense": (exp.model, without_masks(variables)),
                                  "shrunk": (small_model, without_masks(small_state.variables()))},
-                                exp.input_shape, config.prune.latency_batch) if config.prune.latency_batch else {}
+                                exp.input_shape, config.prune.latency_batch)
     names = table.group_names
     rates = {names[g]: 1.0 - float(widths[g]) / table.widths[g] for g in range(table.num_groups)}
     stage1 = dict(

@@ -34,7 +34,7 @@ from jaxcompress.pruning.surgery import shrink
 from jaxcompress.stamp import kumaraswamy as K
 from jaxcompress.stamp.generator import FreeGates, GroupLayout, SparsityObjective, hard_group_masks
 from jaxcompress.train.loop import fit, make_eval_fn
-from jaxcompress.train.metrics import MetricWriter
+from jaxcompress.train.metrics import read_metrics
 from jaxcompress.train.optim import make_optimizer
 from jaxcompress.train.state import create_train_state
 from jaxcompress.train.steps import cross_entropy
@@ -156,7 +156,7 @@ def val_curve(directory: str, target_time: float, end: float) -> list[list[float
     seconds and ended at wall-clock `end` (so what came before its fine-tune, e.g.
     the dense fine-tune of magnitude pruning, counts). Epochs of an earlier,
     interrupted run (before this method's start) are left out."""
-    points = [[target_time - (end - r["time"]), r["val"]["accuracy"]] for r in MetricWriter(directory).read()
+    points = [[target_time - (end - r["time"]), r["val"]["accuracy"]] for r in read_metrics(directory)
               if "val" in r]
     return [p for p in points if p[0] >= 0.0]
 

@@ -52,7 +52,7 @@ def _summary(config, exp, state, wall_start, **extra) -> dict:
     the network (`latency_s`, at `prune.latency_batch` as every job reports; 0: off)."""
     report = cost_report(exp, state)
     batch = config.prune.latency_batch
-    latency = forward_latencies({"trained": (exp.model, state.variables())}, exp.input_shape, batch) if batch else {}
+    latency = forward_latencies({"trained": (exp.model, state.variables())}, exp.input_shape, batch)
     return dict(job=config.job, model=config.model.name, dataset=config.data.name,
                 num_classes=exp.num_classes, steps=int(jax.device_get(state.step)),
                 params=report["totals"]["params"], nonzero_params=report["totals"]["nonzero_params"],

@@ -41,7 +41,13 @@ class MetricWriter:
             f.write(json.dumps({"step": int(step), "time": time.time(), **_plain(metrics)}) + "\n")
 
     def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_metrics(os.path.dirname(self.path))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl` ([] when there is none; creates nothing)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
