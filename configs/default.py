@@ -92,8 +92,12 @@ def get_config() -> ml_collections.ConfigDict:
         eval_size=1000,  # validation images each candidate is evaluated on (fixed sample; never test)
         eval_mode="stacked",  # stacked (shared weights, actors stacked on the batch) | vmap
         eval_chunk=0,  # actors evaluated at once (0: all)
+        bn_adapt=True,  # BatchNorm on each candidate's own statistics over the eval images (EagleEye); False: running
         candidate_finetune_steps=0,  # > 0: each candidate takes this many SGD steps before evaluation (slow)
         candidate_finetune_batch=64, candidate_finetune_lr=0.01,
+        granularity="channel",  # stage 1 searches: channel (kept channels per group) | element (magnitude
+        # element rates per conv / dense layer, sparse FLOPs; the paper's LeNet-5 row); see jaxcompress.rl.env
+        element_iterations=1, element_iteration_epochs=1,  # element policy applied gradually: steps, epochs between
         scheme="l1",  # channel selection applying the best policy: l1 | l2 | bn | lasso | variational
         finetune_epochs=5, finetune_learning_rate=0.01,
         report_budgets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),  # best policy per FLOPs budget

@@ -3,6 +3,7 @@ removed, 16.4% FLOPs), from the trained LeNet-5 benchmark run: FLOPs at most 20%
 parameters at most 10% (both walled), then weight bits at 5 bits on average.
 
 python -m launch.main --config=configs/search_lenet5.py --workdir=workdirs/search_lenet5
+python -m launch.main --config=configs/search_lenet5.py:element --workdir=workdirs/search_lenet5_element
 (train first: python -m launch.main --config=configs/bench/lenet5_mnist.py --workdir=workdirs/bench_lenet5_mnist)
 """
 from configs import default
@@ -20,8 +21,12 @@ def lenet5_mnist(job: str):
     return c
 
 
-def get_config():
+def get_config(granularity: str = "channel"):
+    """`granularity`: channel (kept channels per group) or element (`configs/search_lenet5.py:element`:
+    magnitude element rates per layer, applied in 6 gradual steps of 3 masked epochs, as the
+    hand-set row of `configs/bench/prune_lenet5_mnist.py`)."""
     c = lenet5_mnist("search")
+    c.search.granularity = granularity
     c.search.agent = "ppo"
     c.search.num_actors = 16
     c.search.episodes = 960
@@ -34,4 +39,7 @@ def get_config():
     c.search.quant.episodes = 256
     c.search.quant.bits_budget = 5.0
     c.search.quant.qat_epochs = 2
+    if granularity == "element":
+        c.search.element_iterations, c.search.element_iteration_epochs = 6, 3
+        c.search.finetune_epochs = 20
     return c

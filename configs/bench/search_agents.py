@@ -19,8 +19,13 @@ def get_config():
     c.search.finetune_epochs = 1
     c.search.finetune_learning_rate = 0.01
     c.search.ddpg.warmup_episodes = 100  # AMC
-    c.bench = ml_collections.ConfigDict(dict(
-        agents=("ppo", "ddpg"), seeds=(0, 1, 2),
-        num_actors={"ppo": 16, "ddpg": 16},  # same episodes per update for both
-        final_window=100, finetune=True))
+    c.bench = agents_bench(final_window=100)
     return c
+
+
+def agents_bench(final_window: int) -> ml_collections.ConfigDict:
+    """The comparison every `bench_search_agents` config runs: PPO and DDPG, 3 seeds,
+    16 actors each (the same episodes per update), then the fine-tune of each policy."""
+    return ml_collections.ConfigDict(dict(
+        agents=("ppo", "ddpg"), seeds=(0, 1, 2), num_actors={"ppo": 16, "ddpg": 16},
+        final_window=final_window, finetune=True))

@@ -118,6 +118,25 @@ def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, 
     return masks, params
 
 
+def gradual_prune(config, exp, state, workdir: str):
+    """`state` pruned under `config.prune` in `prune.iterations` steps (gradual pruning,
+    Han et al. 2015: prune part of the way, fine-tune the masked network
+    `prune.iteration_epochs` epochs at `prune.finetune_learning_rate`, repeat; each
+    step's fine-tune resumes from `<workdir>/iteration<i>`). One step = one-shot."""
+    p = config.prune
+    ft = config.copy_and_resolve_references()
+    ft.train.learning_rate = p.finetune_learning_rate
+    for i in range(p.iterations):
+        masks, params = pruning_masks(config, exp, state.variables(), (i + 1) / p.iterations)
+        state = state.replace(params=params, masks=masks)
+        if i + 1 < p.iterations and p.iteration_epochs > 0:
+            ft.train.num_epochs = p.iteration_epochs
+            tx = make_optimizer(ft.train, steps_per_epoch(ft, exp))
+            step_state = create_train_state(exp.model, tx, exp.input_shape, config.seed, variables=state.variables())
+            state, _ = fit(ft, exp, step_state, os.path.join(workdir, f"iteration{i + 1}"))
+    return state
+
+
 def shrink_and_finetune(config, exp, variables, workdir: str, num_epochs: int, learning_rate: float):
     """Surgery, then fine-tuning: the masked network `variables` is rebuilt with its kept
     widths (`shrink`) and trained `num_epochs` epochs on `exp.train` at `learning_rate`
@@ -157,16 +176,8 @@ def prune_and_finetune(config, workdir: str) -> dict:
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense = evaluate(state, exp.test)
     prune_start = time.time()
-    ft = config.copy_and_resolve_references()
-    ft.train.learning_rate = p.finetune_learning_rate
-    for i in range(p.iterations):  # gradual pruning (Han et al. 2015): prune, fine-tune masked, repeat
-        masks, params = pruning_masks(config, exp, state.variables(), (i + 1) / p.iterations)
-        state = state.replace(params=params, masks=masks)
-        if i + 1 < p.iterations and p.iteration_epochs > 0:
-            ft.train.num_epochs = p.iteration_epochs
-            tx = make_optimizer(ft.train, steps_per_epoch(ft, exp))
-            step_state = create_train_state(exp.model, tx, exp.input_shape, config.seed, variables=state.variables())
-            state, _ = fit(ft, exp, step_state, os.path.join(workdir, f"iteration{i + 1}"))
+    state = gradual_prune(config, exp, state, workdir)
+    masks = state.masks
     prune_time = time.time() - prune_start
     masked = evaluate(state, exp.test)
     dense_cost = cost.summarize(exp.table)

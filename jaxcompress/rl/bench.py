@@ -179,7 +179,7 @@ def agents(config, workdir: str) -> dict:
     data = eval_data(exp, variables, s.eval_size, config.seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
     reward_fn = make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm)
     evaluate = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode, s.candidate_finetune_steps,
-                                    s.candidate_finetune_lr)
+                                    s.candidate_finetune_lr, s.bn_adapt)
     runs = {}
     for name in b.agents:
         agent = make_agent(name, s, env.num_steps)  # one object per agent: the seeds share one compile
@@ -215,7 +215,7 @@ def agents(config, workdir: str) -> dict:
         ratio = C.keep_ratio_for_flops(exp.table, s.flops_budget, list(env.groups), s.multiple)
         counts = C.keep_counts(exp.table, ratio, list(env.groups), s.multiple)
         uniform = dict(keep_ratio=ratio, **finetuned(counts, "uniform"))
-        uniform["val_accuracy_no_finetune"] = float(make_prune_evaluator(env, exp.model, ranks)(
+        uniform["val_accuracy_no_finetune"] = float(make_prune_evaluator(env, exp.model, ranks, bn_adapt=s.bn_adapt)(
             jnp.asarray([counts], jnp.float32), data)[0])
     per_agent = {}
     for name in b.agents:

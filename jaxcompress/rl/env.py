@@ -18,6 +18,10 @@ FLOPs are affine in one group's width given the others, F = A + B k, so
 k <= (budget - A) / B exactly. Every episode therefore ends within the budget
 (tested as a property over random actions).
 
+`ElementEnv` (stage 1 at element granularity, `search.granularity=element`): one
+step per conv / dense layer; the action is the fraction of the layer's weights
+removed by magnitude; sparse FLOPs and parameters, walled exactly as above.
+
 `QuantEnv` (stage 2, HAQ / Zhan et al. Sec. 4): one step per conv / dense layer;
 the action is a weight bit width b in [b_min, b_max] (rounded to an integer). At the
 end of the episode HAQ's back-off (Wang et al. 2019, Sec. 3.2) lowers bits one at a
@@ -310,6 +314,114 @@ class PruneEnv(CompressionEnv):
         return [(jnp.asarray(r) < widths[g]).astype(jnp.float32) for g, r in enumerate(ranks)]
 
 
+class ElementEnv(CompressionEnv):
+    """Stage 1 at element granularity: a magnitude pruning rate per conv / dense layer
+    under a FLOPs budget (and optionally a parameter budget), counting what a sparse
+    kernel costs (`cost.summarize`'s `sparse_macs` and `nonzero_params`).
+
+    The paper's variational pruning removes kernel *elements* (Zhan et al. Sec. 3.2),
+    and its LeNet-5 row (90.1% of the parameters removed at 16.4% FLOPs) is a
+    fine-grained one, as AMC's fine-grained mode (He et al. 2018, Sec. 3.4). One step
+    per layer in network order; the action is the rate a in [a_min, a_max] of the
+    layer's weights removed; the layer keeps k = round(n (1 - a)) of its n weights
+    (at least round(n (1 - a_max)), at least 1). Layers are independent (no shape
+    changes), so FLOPs = 2 sum_l positions_l k_l and parameters = sum_l k_l + biases +
+    BatchNorm are affine in each k and the action wall is exact as in `PruneEnv`:
+    k_t <= (budget - cost of the rest at its lowest - cost decided) / slope_t.
+    `values` are the kept weight counts per layer.
+
+    Args:
+      table: the trained network's `ModelTable`.
+      flops_budget: fraction of the dense FLOPs the episode must end within.
+      a_min, a_max: element pruning-rate bounds per layer.
+      params_budget: optional fraction of the dense parameters, walled alike.
+    """
+
+    kind = "element"
+
+    def __init__(self, table: ModelTable, flops_budget: float, a_min: float = 0.0, a_max: float = 0.95,
+                 params_budget: float | None = None):
+        check_prune_bounds(flops_budget, a_min, a_max)
+        if params_budget is not None and not 0.0 < params_budget <= 1.0:
+            raise ConfigError(f"search.params_budget={params_budget:g} must be a fraction of the dense "
+                              f"parameters in (0, 1] (or 0 for none)")
+        self.table = table
+        self.paths = tuple(layer.path for layer in table.layers)
+        T = self.num_steps = len(self.paths)
+        counts = cost.layer_counts(table)
+        n = self.weights = np.asarray(counts["weights"], np.float64)
+        self.a_min, self.a_max = float(a_min), float(a_max)
+        self.low = np.full(T, self.a_min, np.float32)
+        self.high = np.full(T, self.a_max, np.float32)
+        self.k_lo = np.maximum(np.round(n * (1 - a_max)), 1.0)
+        self.k_hi = np.maximum(np.round(n * (1 - a_min)), self.k_lo)
+        self.flops_per_weight = 2.0 * np.asarray(counts["macs"], np.float64) / n
+        self.fixed_params = float(cost.count(table)["params"]) - float(n.sum())  # biases + BatchNorm
+        self.flops_dense = float(self.flops(n))
+        self.params_dense = float(self.params(n))
+        self.budget = float(flops_budget) * self.flops_dense
+        _check_reachable("FLOPs", flops_budget, float(self.flops(self.k_lo)) / self.flops_dense, a_max)
+        self.params_budget = None if params_budget is None else float(params_budget) * self.params_dense
+        if self.params_budget is not None:
+            _check_reachable("parameter", params_budget, float(self.params(self.k_lo)) / self.params_dense, a_max)
+        flops = self.flops_per_weight * n
+        rest = np.asarray([flops[t + 1:].sum() for t in range(T)])
+        rows = [[float(t)] + _layer_geometry(table, t, table.widths) + [self.a_min, self.a_max, flops[t], rest[t]]
+                for t in range(T)]
+        self.static_obs = minmax(np.asarray(rows)).astype(np.float32)
+
+    # -- cost ----------------------------------------------------------------------
+    def flops(self, kept):
+        """FLOPs of the sparse network keeping `kept` weights per layer (jnp; jittable)."""
+        return jnp.sum(jnp.asarray(self.flops_per_weight, jnp.float32) * jnp.asarray(kept, jnp.float32))
+
+    def params(self, kept):
+        return self.fixed_params + jnp.sum(jnp.asarray(kept, jnp.float32))
+
+    def cost_bounds(self) -> tuple[float, float]:
+        return float(self.flops(self.k_lo)), min(self.budget, float(self.flops(self.k_hi)))
+
+    def initial_values(self):
+        return self.weights.astype(np.float32)
+
+    def reduced(self, kept):
+        return (self.flops_dense - self.flops(kept)) / self.flops_dense
+
+    # -- one step ------------------------------------------------------------------
+    def wall(self, state: EnvState, t, k):
+        """The largest count <= `k` that keeps the budget(s) reachable with every later
+        layer at its lowest count."""
+        later = jnp.arange(self.num_steps) > t
+        assumed = jnp.where(later, jnp.asarray(self.k_lo, jnp.float32), state.values).at[t].set(0.0)
+
+        def cap(fn, budget, slope):
+            return jnp.floor((budget - fn(assumed)) / slope * (1.0 - 1e-6))
+
+        k_max = cap(self.flops, self.budget, jnp.asarray(self.flops_per_weight, jnp.float32)[t])
+        if self.params_budget is not None:
+            k_max = jnp.minimum(k_max, cap(self.params, self.params_budget, 1.0))
+        return jnp.maximum(jnp.minimum(k, k_max), jnp.asarray(self.k_lo, jnp.float32)[t])
+
+    def step(self, state: EnvState, a_norm) -> EnvState:
+        t = state.t
+        n = jnp.asarray(self.weights, jnp.float32)[t]
+        k = jnp.clip(jnp.round(n * (1.0 - self.to_units(t, a_norm))), jnp.asarray(self.k_lo, jnp.float32)[t],
+                     jnp.asarray(self.k_hi, jnp.float32)[t])
+        k = self.wall(state, t, k)
+        rate = 1.0 - k / n
+        return EnvState(t=t + 1, values=state.values.at[t].set(k), actions=state.actions.at[t].set(rate),
+                        prev_action=self.normalised(t, rate))
+
+    def result(self, state: EnvState) -> dict:
+        f, p = self.flops(state.values), self.params(state.values)
+        return dict(values=state.values, actions=state.actions, cost=f, params=p, cost_ratio=f / self.flops_dense,
+                    params_ratio=p / self.params_dense)
+
+    def rates(self, kept) -> dict[str, float]:
+        """{layer path: fraction of its weights removed} for kept counts (Python floats)."""
+        return {path: 1.0 - float(k) / float(n) for path, k, n in zip(self.paths, np.asarray(kept), self.weights)}
+
+
 class QuantEnv(CompressionEnv):
     """Stage 2: weight bits per conv / dense layer under an average-bits budget (HAQ back-off).
 
@@ -318,17 +430,20 @@ class QuantEnv(CompressionEnv):
       bits_budget: average weight bits the episode must end within (storage budget
         = bits_budget x number of weights).
       b_min, b_max: bit bounds, integers in 1..8.
+      weights: the number of weights stored per layer (default every weight; the
+        nonzero ones of an element-pruned network, which is all its storage holds).
     """
 
     kind = "quant"
 
-    def __init__(self, table: ModelTable, bits_budget: float, b_min: int = 2, b_max: int = 8):
+    def __init__(self, table: ModelTable, bits_budget: float, b_min: int = 2, b_max: int = 8,
+                 weights: Sequence[float] | None = None):
         check_bits_bounds(bits_budget, b_min, b_max)
         self.table = table
         self.paths = tuple(layer.path for layer in table.layers)
         T = self.num_steps = len(self.paths)
         counts = cost.layer_counts(table)
-        self.weights = np.asarray(counts["weights"], np.float64)
+        self.weights = np.asarray(counts["weights"] if weights is None else weights, np.float64)
         macs = np.asarray(counts["macs"], np.float64)
         self.b_min, self.b_max = int(b_min), int(b_max)
         self.low = np.full(T, float(b_min), np.float32)

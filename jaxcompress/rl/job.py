@@ -41,11 +41,12 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget, latency_model
 from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
+from jaxcompress.pruning.job import gradual_prune
 from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.rl import report
 from jaxcompress.rl.ddpg import DDPG, DDPGConfig
-from jaxcompress.rl.env import OBS_DIM, PruneEnv, QuantEnv, check_bits_bounds, check_prune_bounds
-from jaxcompress.rl.evaluate import EVAL_MODES, make_prune_evaluator, make_quant_evaluator
+from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv, check_bits_bounds, check_prune_bounds
+from jaxcompress.rl.evaluate import EVAL_MODES, make_element_evaluator, make_prune_evaluator, make_quant_evaluator
 from jaxcompress.rl.ppo import PPO, PPOConfig
 from jaxcompress.rl.search import COST_NORMS, REWARDS, channel_ranks, make_reward_fn, run_search
 from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
@@ -54,6 +55,7 @@ from jaxcompress.train.metrics import write_json
 
 AGENTS = ("ppo", "ddpg")
 SCHEMES = ("l1", "l2", "bn", "lasso", "variational")
+GRANULARITIES = ("channel", "element")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -95,6 +97,16 @@ def check_search_config(s) -> None:
         raise ConfigError(f"unknown search.cost_norm '{s.cost_norm}'; choose one of {', '.join(COST_NORMS)}")
     if s.scheme not in SCHEMES:
         raise ConfigError(f"unknown search.scheme '{s.scheme}'; choose one of {', '.join(SCHEMES)}")
+    if s.granularity not in GRANULARITIES:
+        raise ConfigError(f"unknown search.granularity '{s.granularity}'; choose one of {', '.join(GRANULARITIES)}")
+    if s.granularity == "element":
+        unsupported = [name for name, on in (("latency_budget", s.latency_budget),
+                                             ("scheme=" + s.scheme, s.scheme in ("lasso", "variational"))) if on]
+        if unsupported:
+            raise ConfigError(f"search.granularity=element (magnitude element pruning) does not support "
+                              f"search.{', search.'.join(unsupported)}; use search.granularity=channel for them")
+    if s.element_iterations < 1:
+        raise ConfigError(f"search.element_iterations={s.element_iterations} must be >= 1")
     if s.rank_criterion not in ("l1", "l2", "bn"):
         raise ConfigError(f"search.rank_criterion='{s.rank_criterion}' must be l1, l2 or bn")
     if s.eval_mode not in EVAL_MODES:
@@ -138,18 +150,33 @@ def history_points(history: dict) -> list[dict]:
     return [dict({k: history[k][i] for k in keys}, values=history["values"][i]) for i in range(len(history["reward"]))]
 
 
-def apply_pruning_policy(config, exp, variables, env: PruneEnv, widths, scheme: str):
-    """Masks (and parameters) for the searched kept counts, selected by `scheme`."""
-    from jaxcompress.pruning.job import pruning_masks
+def make_env(s, table):
+    """The stage-1 environment of `search.granularity` (infeasible budgets fail here)."""
+    if s.granularity == "element":
+        return ElementEnv(table, s.flops_budget, s.a_min, s.a_max, s.params_budget or None)
+    return PruneEnv(table, s.flops_budget, s.a_min, s.a_max, C.prunable_groups(table, s.scope), s.multiple,
+                    s.params_budget or None)
+
+
+def policy_prune_config(config, exp, env, values):
+    """`config` with `prune` set to apply the searched policy: kept channel counts per
+    group selected by `search.scheme` (channel granularity), or the searched element
+    rates per layer pruned by magnitude in `search.element_iterations` gradual steps
+    with `search.element_iteration_epochs` of masked fine-tuning between (element)."""
+    s = config.search
     cfg = config.copy_and_resolve_references()
-    names = exp.table.group_names
-    cfg.prune.criterion = scheme
-    cfg.prune.keep_ratios = {names[g]: float(widths[g]) / exp.table.widths[g] for g in env.groups}
-    cfg.prune.multiple = 1
-    cfg.prune.scope = config.search.scope
-    cfg.prune.element_rate = 0.0
-    cfg.prune.element_rates = {}
-    return pruning_masks(cfg, exp, variables)
+    p = cfg.prune
+    p.flops_budget, p.latency_budget, p.element_rate, p.keep_ratio = 0.0, 0.0, 0.0, 1.0
+    p.multiple, p.scope, p.allocation = 1, s.scope, "uniform"
+    p.finetune_learning_rate = s.finetune_learning_rate
+    if isinstance(env, ElementEnv):
+        p.criterion, p.keep_ratios, p.element_rates = "l1", {}, env.rates(values)
+        p.iterations, p.iteration_epochs = s.element_iterations, s.element_iteration_epochs
+    else:
+        names = exp.table.group_names
+        p.criterion, p.element_rates, p.iterations = s.scheme, {}, 1
+        p.keep_ratios = {names[g]: float(values[g]) / exp.table.widths[g] for g in env.groups}
+    return cfg
 
 
 def _finetune(config, exp, model, variables, workdir, epochs, lr):
@@ -208,9 +235,7 @@ def search(config, workdir: str) -> dict:
     check_search_config(s)
     exp = setup_experiment(config)
     table = exp.table
-    groups = C.prunable_groups(table, s.scope)
-    # an infeasible budget fails here, before any training or evaluation
-    env = PruneEnv(table, s.flops_budget, s.a_min, s.a_max, groups, s.multiple, s.params_budget or None)
+    env = make_env(s, table)  # an infeasible budget fails here, before any training or evaluation
     if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
         env.add_latency_budget(latency_model(table, config.prune.latency_batch, list(env.groups),
                                              env.min_widths.astype(int)), s.latency_budget)
@@ -222,35 +247,42 @@ def search(config, workdir: str) -> dict:
 
     # ---- stage 1: pruning-rate search
     data = eval_data(exp, variables, s.eval_size, config.seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
-    ranks = channel_ranks(C.channel_scores(table, variables, s.rank_criterion))
     agent = make_agent(s.agent, s, env.num_steps)
-    evaluator = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode, s.candidate_finetune_steps,
-                                     s.candidate_finetune_lr)
+    if isinstance(env, ElementEnv):
+        evaluator = make_element_evaluator(env, exp.model, variables, s.eval_chunk or 1, s.bn_adapt,
+                                           s.candidate_finetune_steps, s.candidate_finetune_lr)
+    else:
+        ranks = channel_ranks(C.channel_scores(table, variables, s.rank_criterion))
+        evaluator = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode,
+                                         s.candidate_finetune_steps, s.candidate_finetune_lr, s.bn_adapt)
     res1 = run_search(env, agent, evaluator,
                       make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm), data, num_actors=s.num_actors,
                       episodes=s.episodes, seed=config.seed, checkpoint_dir=os.path.join(workdir, "stage1"),
                       checkpoint_every=s.checkpoint_every, log_every=s.log_every, name="stage 1 (pruning)")
     best1 = res1.best
-    widths = np.asarray(best1["values"])
     h1 = res1.history
 
     # ---- apply the best policy, shrink, fine-tune
-    masks, params = apply_pruning_policy(config, exp, variables, env, widths, s.scheme)
-    state = state.replace(params=params, masks=masks)
+    state = gradual_prune(policy_prune_config(config, exp, env, np.asarray(best1["values"])), exp, state,
+                          os.path.join(workdir, "apply"))
+    masks = state.masks
     masked_test = evaluate(state, exp.test)
     pruned_cost = cost.summarize(table, masks)["totals"]
+    widths = cost.effective_widths(table, masks)
     small_model, small_vars = shrink(table, state.variables())
     small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
     ft_dir = os.path.join(workdir, "finetune")
     small_state = _finetune(config, small_exp, small_model, small_vars, ft_dir, s.finetune_epochs,
                             s.finetune_learning_rate)
     if s.finetune_epochs > 0 and os.path.isdir(os.path.join(ft_dir, "best")):
-        small_state = load_trained(config, small_exp, ft_dir)  # the best fine-tuned network, as stage 2 reads it
+        small_state = load_trained(config, small_exp, ft_dir, small_state.variables())  # the best, as stage 2 reads it
     small_eval = make_eval_fn(small_exp, config.train.eval_batch_size)
     pruned_test, pruned_val = small_eval(small_state, small_exp.test), small_eval(small_state, small_exp.val)
+    # FLOPs and parameters a sparse kernel costs (equal to the structural counts without element masks)
+    flops_ratio = 2 * pruned_cost["sparse_macs"] / dense_cost["flops"]
+    params_ratio = pruned_cost["nonzero_params"] / dense_cost["params"]
     logging.info("stage 1: widths %s, FLOPs %.1f%%, params removed %.1f%%, test acc %.4f -> %.4f (masked %.4f)",
-                 widths.astype(int).tolist(), 100 * pruned_cost["flops"] / dense_cost["flops"],
-                 100 * (1 - pruned_cost["params"] / dense_cost["params"]), dense_test["accuracy"],
+                 widths.astype(int).tolist(), 100 * flops_ratio, 100 * (1 - params_ratio), dense_test["accuracy"],
                  pruned_test["accuracy"], masked_test["accuracy"])
 
     latency = forward_latencies({"dense": (exp.model, without_masks(variables)),
@@ -258,16 +290,18 @@ def search(config, workdir: str) -> dict:
                                 exp.input_shape, config.prune.latency_batch)
     names = table.group_names
     rates = {names[g]: 1.0 - float(widths[g]) / table.widths[g] for g in range(table.num_groups)}
+    element_rates = env.rates(best1["values"]) if isinstance(env, ElementEnv) else None
     stage1 = dict(
-        agent=s.agent, episodes=len(h1["reward"]), num_actors=s.num_actors, flops_budget=s.flops_budget,
+        agent=s.agent, granularity=s.granularity, element_rates=element_rates,
+        episodes=len(h1["reward"]), num_actors=s.num_actors, flops_budget=s.flops_budget,
         params_budget=s.params_budget or None, latency_budget=s.latency_budget or None,
-        latency_predicted_ratio=(float(env.latency(widths) / env.latency_dense) if env.latency is not None
-                                 else None),
+        latency_predicted_ratio=(float(env.latency(widths) / env.latency_dense)
+                                 if getattr(env, "latency", None) is not None else None),
         latency_s=latency, latency_batch=config.prune.latency_batch,
         speedup=latency["dense"] / latency["shrunk"] if latency else None,
         reward=s.reward, scheme=s.scheme, best_reward=best1["reward"], best_val_accuracy_search=best1["accuracy"],
-        widths=widths.astype(int).tolist(), rates=rates, flops_ratio=pruned_cost["flops"] / dense_cost["flops"],
-        params_ratio=pruned_cost["params"] / dense_cost["params"], accuracy_masked=masked_test["accuracy"],
+        widths=widths.astype(int).tolist(), rates=rates, flops_ratio=flops_ratio, params_ratio=params_ratio,
+        accuracy_masked=masked_test["accuracy"],
         accuracy_pruned=pruned_test["accuracy"], val_accuracy_pruned=pruned_val["accuracy"],
         search_time_s=res1.wall_time_s, compile_time_s=res1.compile_time_s,
         episodes_per_s=len(h1["reward"]) / max(res1.wall_time_s - res1.compile_time_s, 1e-9))
@@ -277,7 +311,9 @@ def search(config, workdir: str) -> dict:
     q = s.quant
     if q.episodes > 0:
         qtable = small_exp.table
-        qenv = QuantEnv(qtable, q.bits_budget, q.b_min, q.b_max)
+        # the bits budget averages over the weights stored: the nonzero ones of an element-pruned network
+        stored = [row["nonzero_weights"] for row in cost.summarize(qtable, small_state.masks)["layers"]]
+        qenv = QuantEnv(qtable, q.bits_budget, q.b_min, q.b_max, stored)
         qagent = make_agent(q.agent or s.agent, s, qenv.num_steps)
         data2 = eval_data(small_exp, small_state.variables(), s.eval_size, config.seed)
         chunk = q.eval_chunk if q.eval_chunk else (1 if jax.default_backend() == "cpu" else 0)
@@ -349,7 +385,8 @@ def search(config, workdir: str) -> dict:
     report.plot_pareto(os.path.join(workdir, "pareto.png"), panels)
     report.plot_reward_curves(os.path.join(workdir, "rewards.png"), curves,
                               f"{config.model.name}: search rewards ({s.agent})")
-    layer_rates = [rates[names[l.out_group]] if l.out_group >= 0 else 0.0 for l in table.layers]
+    layer_rates = ([element_rates[l.path] for l in table.layers] if element_rates else
+                   [rates[names[l.out_group]] if l.out_group >= 0 else 0.0 for l in table.layers])
     report.plot_policy(os.path.join(workdir, "policy.png"), [l.path for l in table.layers], layer_rates,
                        None if bits is None else bits.tolist(),
                        f"{config.model.name}: searched pruning rates and bits")
@@ -358,9 +395,8 @@ def search(config, workdir: str) -> dict:
         job=config.job, model=config.model.name, dataset=config.data.name, agent=s.agent,
         accuracy_dense=dense_test["accuracy"], val_accuracy_dense=dense_val["accuracy"],
         params_dense=dense_cost["params"], flops_dense=dense_cost["flops"], bytes_dense=dense_cost["bytes"],
-        params_pruned=pruned_cost["params"], flops_pruned=pruned_cost["flops"],
-        params_removed=1.0 - pruned_cost["params"] / dense_cost["params"],
-        flops_left=pruned_cost["flops"] / dense_cost["flops"],
+        params_pruned=pruned_cost["nonzero_params"], flops_pruned=2 * pruned_cost["sparse_macs"],
+        params_removed=1.0 - params_ratio, flops_left=flops_ratio,
         error_increase_pruned=dense_test["accuracy"] - pruned_test["accuracy"],
         stage1=stage1, stage2=stage2, wall_time_s=time.time() - wall_start,
         device_kind=jax.devices()[0].device_kind)

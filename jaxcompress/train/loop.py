@@ -151,15 +151,18 @@ def reference_state(config, exp: Experiment, checkpoint: str, workdir: str, fiel
     return load_trained(config, exp, pre_dir)
 
 
-def load_trained(config, exp: Experiment, directory: str) -> TrainState:
+def load_trained(config, exp: Experiment, directory: str, variables=None) -> TrainState:
     """Restores the latest TrainState in `directory` (a `checkpoints/` or `best/` folder,
-    or a run's workdir, in which case its `best/` checkpoint is used)."""
+    or a run's workdir, in which case its `best/` checkpoint is used). `variables`: a
+    template of the saved collections where they differ from `exp.model.init`'s (e.g.
+    element masks)."""
     if os.path.isdir(os.path.join(directory, "best")):
         directory = os.path.join(directory, "best")
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist; train first (job 'train' with "
                               f"that --workdir) or point the config at an existing checkpoint directory")
-    template = create_train_state(exp.model, make_optimizer(config.train, 1), exp.input_shape, config.seed)
+    template = create_train_state(exp.model, make_optimizer(config.train, 1), exp.input_shape, config.seed,
+                                  variables=variables)
     ckpt = Checkpointer(directory)
     try:
         state, _ = ckpt.restore(template)
