@@ -23,8 +23,8 @@ def lenet5_mnist(job: str):
 
 def get_config(granularity: str = "channel"):
     """`granularity`: channel (kept channels per group) or element (`configs/search_lenet5.py:element`:
-    magnitude element rates per layer, applied in 6 gradual steps of 3 masked epochs, as the
-    hand-set row of `configs/bench/prune_lenet5_mnist.py`)."""
+    magnitude element rates per layer scored after 10 SGD steps per candidate, applied in 6
+    gradual steps of 3 masked epochs, as the hand-set row of `configs/bench/prune_lenet5_mnist.py`)."""
     c = lenet5_mnist("search")
     c.search.granularity = granularity
     c.search.agent = "ppo"
@@ -42,4 +42,5 @@ def get_config(granularity: str = "channel"):
     if granularity == "element":
         c.search.element_iterations, c.search.element_iteration_epochs = 6, 3
         c.search.finetune_epochs = 20
+        c.search.candidate_finetune_steps = 10  # rewards after 10 SGD steps per candidate: +0.14 vs +0.20 without
     return c

@@ -1,7 +1,7 @@
 """Benchmark: PPO (the paper's) against DDPG (AMC) on LeNet-5 / MNIST at 50% FLOPs: 3 seeds
 each, the same episode budget (reward curves, final best reward mean and spread), then
 the best policy of each run and uniform pruning fine-tuned alike (quality at a budget).
-LeNet-5 rather than ResNet-20 / CIFAR-10: what fits a 2-core CPU.
+The ResNet-20 / CIFAR-10 version is `configs/bench/search_agents_resnet20.py`.
 
 python -m launch.main --config=configs/bench/search_agents.py --workdir=workdirs/bench_search_agents
 """
