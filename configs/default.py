@@ -23,7 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=15, batch_size=128, eval_batch_size=1000,
         optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-        schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))
+        schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0,
+        # knowledge distillation (Hinton et al. 2015) in the fine-tunes of the prune, quantize and search jobs:
+        # loss = (1 - w) CE + w T^2 KL(teacher_T || student_T), the teacher being the job's reference network
+        distill_weight=0.0, distill_temperature=4.0))
 
     # job "prune": criterion l1 | l2 | bn | snip | random | lasso | variational
     c.prune = ml_collections.ConfigDict(dict(

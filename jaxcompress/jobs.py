@@ -33,12 +33,18 @@ JOBS = {
     "bench_search_speed": rl_bench.speed,
     "bench_search_agents": rl_bench.agents,
 }
+# jobs whose fine-tunes distil from their reference network when train.distill_weight > 0
+DISTILLING = ("prune", "quantize", "search", "bench_search_agents", "bench_budget_accuracy")
 
 
 def run(config, workdir: str) -> dict:
     """Checks the job name, writes `<workdir>/config.json`, runs the job."""
     if config.job not in JOBS:
         raise ConfigError(f"unknown job '{config.job}'; set --config.job to one of {', '.join(sorted(JOBS))}")
+    if config.train.get("distill_weight", 0.0) > 0 and config.job not in DISTILLING:
+        raise ConfigError(f"train.distill_weight={config.train.distill_weight}: job '{config.job}' has no teacher; "
+                          f"distillation applies to the fine-tunes of the {', '.join(DISTILLING)} jobs (from "
+                          f"their reference network); set --config.train.distill_weight=0")
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     return JOBS[config.job](config, workdir)

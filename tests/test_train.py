@@ -18,7 +18,7 @@ import pytest
 from configs import default
 from jaxcompress.models import create_model
 from jaxcompress.train import (Checkpointer, CheckpointError, TrainState, create_train_state, cross_entropy,
-                               make_eval_step, make_optimizer, make_train_step)
+                               distillation_loss, make_eval_step, make_optimizer, make_train_step)
 from jaxcompress.train.checkpoint import state_tree
 from jaxcompress.train.optim import learning_rate_schedule
 
@@ -284,6 +284,54 @@ def test_train_step_equals_hand_rolled_sgd(jit, smoothing):
     # The update really moved the parameters (the comparison above is not vacuous).
     assert max(float(jnp.abs(a - b).max()) for a, b in
                zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))) > 1e-4
+
+
+def test_distillation_loss_and_gradient_equal_hinton_formulas():
+    """T^2 KL(softmax(t/T) || softmax(s/T)) against NumPy, and its gradient against
+    Hinton et al.'s T (q - p) (q, p: the student's and teacher's softened softmax)."""
+    rng = np.random.default_rng(0)
+    s, t, T = rng.normal(size=(5, 7)) * 3, rng.normal(size=(5, 7)) * 3, 2.5
+    log_p, log_q = np_log_softmax(t / T), np_log_softmax(s / T)
+    hand = T * T * (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    got = distillation_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), T)
+    np.testing.assert_allclose(got, hand, rtol=1e-5)
+    assert hand.min() > 0.01  # distinct logits: the loss is not trivially zero
+    np.testing.assert_allclose(distillation_loss(jnp.asarray(t), jnp.asarray(t), T), 0.0, atol=1e-6)
+    grad = jax.grad(lambda z: distillation_loss(z, jnp.asarray(t, jnp.float32), T).sum())(jnp.asarray(s, jnp.float32))
+    np.testing.assert_allclose(grad, T * (np.exp(log_q) - np.exp(log_p)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7, 1.0])
+def test_train_step_with_teacher_equals_hand_rolled_distillation(weight):
+    """(1 - w) CE + w T^2 KL against a teacher (another network: other shapes are
+    allowed) on the same inputs, then the SGD formula; the teacher is an argument of
+    the jitted step (replicated), not a constant baked into it."""
+    lr, T = 0.1, 3.0
+    tx = make_optimizer(_sgd_plain(schedule="constant", learning_rate=lr, weight_decay=0.0), 10)
+    model, state = _tiny_state(tx)
+    teacher = create_model("lenet300_100", 3, widths=(12, 5))
+    t_vars = _np_init(teacher, IMG, seed=7)
+    batch = _batch(16, seed=2)
+    step = jax.jit(make_train_step(MEAN, STD, teacher_apply=teacher.apply, distill_weight=weight, temperature=T))
+    new_state, metrics = step(state, batch, t_vars)
+
+    x = jnp.asarray(np_normalize(batch["image"], MEAN, STD), jnp.float32)
+    t_logits = np.asarray(teacher.apply(t_vars, x), np.float64)
+    p_t = np.exp(np_log_softmax(t_logits / T))
+
+    def loss_fn(params):
+        logits = model.apply({"params": params, "masks": state.masks}, x)
+        ce = -jax.nn.log_softmax(logits)[jnp.arange(16), batch["label"]].mean()
+        kd = (T * T * (p_t * (jnp.log(p_t) - jax.nn.log_softmax(logits / T))).sum(-1)).mean()
+        return (1 - weight) * ce + weight * kd
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    jax.tree.map(lambda a, p, g: np.testing.assert_allclose(a, p - lr * g, rtol=1e-5, atol=1e-7),
+                 new_state.params, state.params, grads)
+    if weight == 0.0:  # no pull from the teacher: the plain step
+        plain, _ = jax.jit(make_train_step(MEAN, STD))(state, batch)
+        assert_trees_equal(new_state.params, plain.params)
 
 
 def test_eval_step_counts_only_real_examples():

@@ -24,7 +24,7 @@ from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.report import plot_layer_bars
-from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
+from jaxcompress.train import create_train_state, make_optimizer, setup_experiment, with_teacher
 from jaxcompress.train.loop import fit, make_eval_fn, reference_state, steps_per_epoch
 from jaxcompress.train.metrics import write_json
 
@@ -173,6 +173,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
                                                   p.multiple)
     p = config.prune
     state = reference_state(config, exp, p.checkpoint, workdir, "prune.checkpoint")
+    exp = with_teacher(exp, state)  # fine-tunes distil from the reference when train.distill_weight > 0
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense = evaluate(state, exp.test)
     prune_start = time.time()

@@ -46,7 +46,7 @@ from jaxcompress.quant.policy import (SUPPORTED_BITS_A, SUPPORTED_BITS_W, _as_bi
 from jaxcompress.quant.qat import add_kmeans_assignments, make_quantized_apply
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer
 from jaxcompress.report import plot_layer_bars
-from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
+from jaxcompress.train import create_train_state, make_optimizer, setup_experiment, with_teacher
 from jaxcompress.train.checkpoint import CheckpointError
 from jaxcompress.train.loop import fit, load_trained, make_eval_fn, steps_per_epoch, train_and_evaluate
 from jaxcompress.latency import measured_latency
@@ -280,6 +280,7 @@ def quantize(config, workdir: str) -> dict:
     resolve_bits(config, exp.table)  # names and ranges: fail before any training
     dense_table = exp.table
     exp, state, source = float_network(config, exp, workdir)
+    exp = with_teacher(exp, state)  # QAT distils from the float network when train.distill_weight > 0
     table = exp.table
     bits_w, bits_a = resolve_bits(config, table)
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)

@@ -33,7 +33,7 @@ from jaxcompress.rl.evaluate import correct_fraction, make_prune_evaluator
 from jaxcompress.rl.job import _finetune, check_search_config, eval_data, make_agent
 from jaxcompress.rl.search import (channel_ranks, init_search_state, make_iteration, make_reward_fn,
                                    returns_from_final, run_search)
-from jaxcompress.train import setup_experiment
+from jaxcompress.train import setup_experiment, with_teacher
 from jaxcompress.train.loop import load_trained, make_eval_fn
 from jaxcompress.train.metrics import write_json
 
@@ -108,6 +108,7 @@ def _setup(config):
     if not s.checkpoint:
         raise ValueError("the search benchmarks need search.checkpoint (a trained workdir)")
     state = load_trained(config, exp, s.checkpoint)
+    exp = with_teacher(exp, state)  # the policies' fine-tunes distil from it when train.distill_weight > 0
     variables = state.variables()
     ranks = channel_ranks(C.channel_scores(exp.table, variables, s.rank_criterion))
     return exp, env, state, variables, ranks

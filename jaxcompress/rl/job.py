@@ -49,7 +49,7 @@ from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv, check_bi
 from jaxcompress.rl.evaluate import EVAL_MODES, make_element_evaluator, make_prune_evaluator, make_quant_evaluator
 from jaxcompress.rl.ppo import PPO, PPOConfig
 from jaxcompress.rl.search import COST_NORMS, REWARDS, channel_ranks, make_reward_fn, run_search
-from jaxcompress.train import create_train_state, make_optimizer, setup_experiment
+from jaxcompress.train import create_train_state, make_optimizer, setup_experiment, with_teacher
 from jaxcompress.train.loop import fit, load_trained, make_eval_fn, reference_state, steps_per_epoch
 from jaxcompress.train.metrics import write_json
 
@@ -240,6 +240,7 @@ def search(config, workdir: str) -> dict:
         env.add_latency_budget(latency_model(table, config.prune.latency_batch, list(env.groups),
                                              env.min_widths.astype(int)), s.latency_budget)
     state = reference_state(config, exp, s.checkpoint, workdir, "search.checkpoint")
+    exp = with_teacher(exp, state)  # fine-tunes distil from the reference when train.distill_weight > 0
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense_test, dense_val = evaluate(state, exp.test), evaluate(state, exp.val)
     variables = state.variables()

@@ -5,6 +5,7 @@ All checks that can fail on user input happen here, before any compilation.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -13,6 +14,12 @@ from jaxcompress.data import channel_stats, load_dataset, select_classes, split_
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import ModelTable, create_model, describe, get_spec
 from jaxcompress.train import optim
+
+
+class Teacher(NamedTuple):
+    """The network a compression job's fine-tunes distil from (`train.distill_weight`)."""
+    apply_fn: Callable
+    variables: Any
 
 
 @dataclasses.dataclass
@@ -26,10 +33,18 @@ class Experiment:
     model: object
     table: ModelTable
     mesh: jax.sharding.Mesh
+    teacher: Teacher | None = None  # set by `with_teacher`: every `fit` on this experiment distils from it
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train[0].shape[1:])
+
+
+def with_teacher(exp: Experiment, state) -> Experiment:
+    """`exp` whose fine-tunes distil from `state` (a job's reference network) when
+    `train.distill_weight` > 0; experiments derived from it (`dataclasses.replace`, e.g.
+    the shrunk network's) keep the teacher."""
+    return dataclasses.replace(exp, teacher=Teacher(state.apply_fn, state.variables()))
 
 
 def check_train_config(cfg, num_devices: int) -> None:
@@ -46,6 +61,10 @@ def check_train_config(cfg, num_devices: int) -> None:
                               f"set --config.train.{key} to e.g. {num_devices * max(1, size // num_devices)}")
     if cfg.num_epochs <= 0:
         raise ConfigError(f"train.num_epochs must be positive, got {cfg.num_epochs}")
+    if not 0.0 <= cfg.get("distill_weight", 0.0) <= 1.0:
+        raise ConfigError(f"train.distill_weight={cfg.distill_weight} must be in [0, 1] (0: no distillation)")
+    if cfg.get("distill_temperature", 1.0) <= 0:
+        raise ConfigError(f"train.distill_temperature={cfg.distill_temperature} must be positive (Hinton et al.: 2-8)")
     if not 0 <= cfg.warmup_epochs < cfg.num_epochs:
         raise ConfigError(f"train.warmup_epochs={cfg.warmup_epochs} must be >= 0 and below train.num_epochs="
                           f"{cfg.num_epochs}; lower --config.train.warmup_epochs")

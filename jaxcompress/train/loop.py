@@ -67,7 +67,8 @@ def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: in
 
     Checkpoints go to `<workdir>/checkpoints` (latest, resumed from if present) and
     `<workdir>/best` (best validation accuracy); metrics to `<workdir>/metrics.jsonl`.
-    `state.tx` must already be the optimizer for this run. Returns the final state and
+    `state.tx` must already be the optimizer for this run. With `train.distill_weight` > 0
+    and a teacher on `exp` (`with_teacher`), the loss distils from it. Returns the final state and
     `{"best_val_accuracy", "train_time_s"}`.
     """
     tcfg = config.train
@@ -84,8 +85,15 @@ def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: in
     # The jitted step donates the state: copy it so arrays the caller still holds (or
     # that alias other states' leaves, e.g. after surgery) are never invalidated.
     state = jax.device_put(state, S.replicated(exp.mesh), may_alias=False)
-    train_step = S.jit_data_parallel(S.make_train_step(exp.mean, exp.std, config.data.augment,
-                                                       tcfg.label_smoothing), exp.mesh)
+    teacher = exp.teacher if tcfg.get("distill_weight", 0.0) > 0 else None
+    teacher_args = () if teacher is None else (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
+    if teacher is not None:
+        logging.info("distilling from the reference network (weight %g, temperature %g)", tcfg.distill_weight,
+                     tcfg.distill_temperature)
+    train_step = S.jit_data_parallel(
+        S.make_train_step(exp.mean, exp.std, config.data.augment, tcfg.label_smoothing,
+                          teacher and teacher.apply_fn, tcfg.get("distill_weight", 0.0),
+                          tcfg.get("distill_temperature", 4.0)), exp.mesh, replicated_args=len(teacher_args))
     evaluate = make_eval_fn(exp, tcfg.eval_batch_size)
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
@@ -97,7 +105,7 @@ def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: in
         with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{num_epochs}",
                   disable=None, leave=False) as bar:
             while step < (epoch + 1) * spe:
-                state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)))
+                state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)), *teacher_args)
                 sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
                 step, n = step + 1, n + 1
                 bar.update()
@@ -147,7 +155,7 @@ def reference_state(config, exp: Experiment, checkpoint: str, workdir: str, fiel
         return load_trained(config, exp, checkpoint)
     pre_dir = os.path.join(workdir, "pretrain")
     logging.info("no %s given: training the reference network into %s", field, pre_dir)
-    train_and_evaluate(config, pre_dir)
+    train_and_evaluate(config, pre_dir)  # no teacher on this experiment: trained, not distilled
     return load_trained(config, exp, pre_dir)
 
 

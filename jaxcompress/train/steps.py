@@ -37,21 +37,41 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def distillation_loss(logits, teacher_logits, temperature: float):
+    """Per-example knowledge-distillation loss (Hinton et al. 2015, "Distilling the
+    Knowledge in a Neural Network", Sec. 2): T^2 KL(softmax(z_t / T) || softmax(z_s / T)),
+    the T^2 keeping its gradients on the scale of the hard-label loss as T changes."""
+    t = temperature
+    return t * t * optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(logits / t),
+                                                             jax.nn.log_softmax(teacher_logits / t))
+
+
 def _inputs(batch, mean, std):
     return normalize(batch["image"], mean, std)
 
 
-def make_train_step(mean, std, augment: bool = False, label_smoothing: float = 0.0):
-    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+def make_train_step(mean, std, augment: bool = False, label_smoothing: float = 0.0, teacher_apply=None,
+                    distill_weight: float = 0.0, temperature: float = 4.0):
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
-    def train_step(state: TrainState, batch):
+    With `teacher_apply` (a model's `apply`) the step is `train_step(state, batch,
+    teacher_variables)` and minimises (1 - w) CE + w `distillation_loss` against the
+    teacher's inference-mode logits on the same (augmented) inputs, w = `distill_weight`.
+    """
+
+    def train_step(state: TrainState, batch, teacher_variables=None):
         x = _inputs(batch, mean, std)
         if augment:
             x = augment_cifar(jax.random.fold_in(state.rng, state.step), x)
+        if teacher_apply is not None:
+            teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, x, train=False))
 
         def loss_fn(params):
             logits, updates = state.apply_fn(state.variables(params), x, train=True, mutable=["batch_stats"])
             loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+            if teacher_apply is not None:
+                kd = distillation_loss(logits, teacher_logits, temperature).mean()
+                loss = (1.0 - distill_weight) * loss + distill_weight * kd
             return loss, (logits, updates)
 
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -77,8 +97,10 @@ def make_eval_step(mean, std):
     return eval_step
 
 
-def jit_data_parallel(step_fn, mesh, donate: bool = True):
-    """jit with state replicated and batch split over 'data'; donates the state."""
-    return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+def jit_data_parallel(step_fn, mesh, donate: bool = True, replicated_args: int = 0):
+    """jit with state replicated and batch split over 'data'; donates the state.
+    `replicated_args`: how many further (replicated) arguments follow the batch."""
+    in_shardings = (replicated(mesh), batch_sharded(mesh)) + (replicated(mesh),) * replicated_args
+    return jax.jit(step_fn, in_shardings=in_shardings,
                    out_shardings=(replicated(mesh), replicated(mesh)) if donate else replicated(mesh),
                    donate_argnums=(0,) if donate else ())
