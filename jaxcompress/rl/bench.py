@@ -216,8 +216,8 @@ def agents(config, workdir: str) -> dict:
         ratio = C.keep_ratio_for_flops(exp.table, s.flops_budget, list(env.groups), s.multiple)
         counts = C.keep_counts(exp.table, ratio, list(env.groups), s.multiple)
         uniform = dict(keep_ratio=ratio, **finetuned(counts, "uniform"))
-        uniform["val_accuracy_no_finetune"] = float(make_prune_evaluator(env, exp.model, ranks, bn_adapt=s.bn_adapt)(
-            jnp.asarray([counts], jnp.float32), data)[0])
+        # scored like the agents' candidates (their reward's accuracy, after the per-candidate SGD steps if any)
+        uniform["search_val_accuracy"] = float(jax.jit(evaluate)(jnp.asarray([counts], jnp.float32), data)[0])
     per_agent = {}
     for name in b.agents:
         rs = [results[f"{name}_seed{seed}"] for seed in b.seeds]
@@ -246,5 +246,6 @@ def agents(config, workdir: str) -> dict:
               + (f", fine-tuned test acc {e['ft_accuracy_mean']:.4f} +- {e['ft_accuracy_std']:.4f}"
                  if b.finetune else ""))
     if uniform:
-        print(f"uniform: fine-tuned test acc {uniform['accuracy']:.4f}")
+        print(f"uniform: search val acc {uniform['search_val_accuracy']:.4f}, fine-tuned test acc "
+              f"{uniform['accuracy']:.4f}")
     return summary

@@ -368,10 +368,12 @@ def search(config, workdir: str) -> dict:
                               best_per_budget=report.best_per_budget([p["cost_ratio"] for p in points1], acc1,
                                                                      tuple(s.report_budgets)),
                               groups=list(names), flops_dense=env.flops_dense))
+    ylabel1 = (f"val accuracy (after {s.candidate_finetune_steps} SGD steps)" if s.candidate_finetune_steps
+               else "val accuracy (no fine-tune)")
     panels = [dict(x=[p["cost_ratio"] for p in points1], y=acc1, front=front_flops, xlabel="FLOPs / dense",
-                   ylabel="val accuracy (no fine-tune)", title="stage 1: FLOPs"),
+                   ylabel=ylabel1, title="stage 1: FLOPs"),
               dict(x=[p["params"] / dense_cost["params"] for p in points1], y=acc1, front=front_params,
-                   xlabel="params / dense", ylabel="val accuracy (no fine-tune)", title="stage 1: parameters")]
+                   xlabel="params / dense", ylabel=ylabel1, title="stage 1: parameters")]
     curves = {"stage 1 (pruning)": h1["reward"]}
     if h2 is not None:
         points2 = history_points(h2)
