@@ -41,7 +41,7 @@ def run(config, workdir: str) -> dict:
     """Checks the job name, writes `<workdir>/config.json`, runs the job."""
     if config.job not in JOBS:
         raise ConfigError(f"unknown job '{config.job}'; set --config.job to one of {', '.join(sorted(JOBS))}")
-    if config.train.get("distill_weight", 0.0) > 0 and config.job not in DISTILLING:
+    if config.train.distill_weight > 0 and config.job not in DISTILLING:
         raise ConfigError(f"train.distill_weight={config.train.distill_weight}: job '{config.job}' has no teacher; "
                           f"distillation applies to the fine-tunes of the {', '.join(DISTILLING)} jobs (from "
                           f"their reference network); set --config.train.distill_weight=0")

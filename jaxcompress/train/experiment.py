@@ -61,9 +61,9 @@ def check_train_config(cfg, num_devices: int) -> None:
                               f"set --config.train.{key} to e.g. {num_devices * max(1, size // num_devices)}")
     if cfg.num_epochs <= 0:
         raise ConfigError(f"train.num_epochs must be positive, got {cfg.num_epochs}")
-    if not 0.0 <= cfg.get("distill_weight", 0.0) <= 1.0:
+    if not 0.0 <= cfg.distill_weight <= 1.0:
         raise ConfigError(f"train.distill_weight={cfg.distill_weight} must be in [0, 1] (0: no distillation)")
-    if cfg.get("distill_temperature", 1.0) <= 0:
+    if cfg.distill_temperature <= 0:
         raise ConfigError(f"train.distill_temperature={cfg.distill_temperature} must be positive (Hinton et al.: 2-8)")
     if not 0 <= cfg.warmup_epochs < cfg.num_epochs:
         raise ConfigError(f"train.warmup_epochs={cfg.warmup_epochs} must be >= 0 and below train.num_epochs="

@@ -85,15 +85,16 @@ def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: in
     # The jitted step donates the state: copy it so arrays the caller still holds (or
     # that alias other states' leaves, e.g. after surgery) are never invalidated.
     state = jax.device_put(state, S.replicated(exp.mesh), may_alias=False)
-    teacher = exp.teacher if tcfg.get("distill_weight", 0.0) > 0 else None
-    teacher_args = () if teacher is None else (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
+    teacher = exp.teacher if tcfg.distill_weight > 0 else None
+    teacher_args = ()
     if teacher is not None:
         logging.info("distilling from the reference network (weight %g, temperature %g)", tcfg.distill_weight,
                      tcfg.distill_temperature)
+        teacher_args = (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
     train_step = S.jit_data_parallel(
         S.make_train_step(exp.mean, exp.std, config.data.augment, tcfg.label_smoothing,
-                          teacher and teacher.apply_fn, tcfg.get("distill_weight", 0.0),
-                          tcfg.get("distill_temperature", 4.0)), exp.mesh, replicated_args=len(teacher_args))
+                          teacher.apply_fn if teacher else None, tcfg.distill_weight, tcfg.distill_temperature),
+        exp.mesh, replicated_args=len(teacher_args))
     evaluate = make_eval_fn(exp, tcfg.eval_batch_size)
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
