@@ -10,24 +10,28 @@ INSTALL_REQUIRES = [
     "chex>=0.1.89",
     "ml-collections>=1.0",
     "absl-py>=2.0",
-    "tensorflow-datasets>=4.9.7",  # used via tfds.data_source: no TensorFlow needed
-    "array-record>=0.5",  # tfds.data_source's random-access file format
     "scikit-learn>=1.3",  # ships the embedded offline default dataset (8x8 digits)
     "numpy>=1.26",
     "tqdm>=4.66",
-    "matplotlib>=3.8",
-    "distrax>=0.1.5",  # PPO's policy distributions (jaxcompress.rl)
-    "rlax>=0.1.6",  # PPO's clipped surrogate loss (jaxcompress.rl)
+    "matplotlib>=3.8",  # the jobs' plots (widths.png, reward curves)
 ]
+EXTRAS = {
+    # tfds:<name> datasets (and mnist / cifar10 without JAXCOMPRESS_DATA_DIR), read with
+    # tfds.data_source: no TensorFlow needed
+    "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
+    # the RL search (jaxcompress.rl): PPO's policy distributions and clipped surrogate loss
+    "rl": ["distrax>=0.1.5", "rlax>=0.1.6"],
+}
+EXTRAS["all"] = sorted({d for deps in EXTRAS.values() for d in deps})
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8", "pytest-xdist>=3.5"]
 
 setup(
     name="jaxcompress",
-    version="0.1.0",
-    description=__doc__,
+    version="0.2.0",
+    description=__doc__.replace("\n", " "),
     python_requires=">=3.11",
-    packages=find_packages(include=["jaxcompress", "jaxcompress.*", "launch", "configs", "configs.*"]),
+    packages=find_packages(include=["jaxcompress", "jaxcompress.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
-    },
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["jaxcompress-run = jaxcompress.cli:main"]},
 )

@@ -4,27 +4,27 @@ parameters at most 10% (both walled), then weight bits at 5 bits on average.
 
 python -m launch.main --config=configs/search_lenet5.py --workdir=workdirs/search_lenet5
 python -m launch.main --config=configs/search_lenet5.py:element --workdir=workdirs/search_lenet5_element
-(train first: python -m launch.main --config=configs/bench/lenet5_mnist.py --workdir=workdirs/bench_lenet5_mnist)
+(train first: python -m benchmarks.run --config=benchmarks/configs/lenet5_mnist.py --workdir=workdirs/bench_lenet5_mnist)
 """
 from configs import default
 
 
 def lenet5_mnist(job: str):
-    """What every LeNet-5 / MNIST search config shares (this one and configs/bench/search_*.py)."""
+    """What every LeNet-5 / MNIST search config shares (this one and benchmarks/configs/search_*.py)."""
     c = default.get_config()
     c.job = job
     c.model.name = "lenet5"
     c.data.name = "mnist"
     c.search.checkpoint = "workdirs/bench_lenet5_mnist"
     c.search.scope = "all"
-    c.search.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded rows)
+    c.hardware.multiple = 1  # unaligned channel counts, as in the paper (and the README's recorded rows)
     return c
 
 
 def get_config(granularity: str = "channel"):
     """`granularity`: channel (kept channels per group) or element (`configs/search_lenet5.py:element`:
     magnitude element rates per layer scored after 10 SGD steps per candidate, applied in 6
-    gradual steps of 3 masked epochs, as the hand-set row of `configs/bench/prune_lenet5_mnist.py`)."""
+    gradual steps of 3 masked epochs, as the hand-set row of `benchmarks/configs/prune_lenet5_mnist.py`)."""
     c = lenet5_mnist("search")
     c.search.granularity = granularity
     c.search.agent = "ppo"

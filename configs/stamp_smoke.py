@@ -2,7 +2,7 @@
 
 JAXCOMPRESS_DATA_DIR=/work/shared/data python -m launch.main --config=configs/stamp_smoke.py --workdir=/tmp/stamp_smoke
 """
-from configs.bench import stamp_cifar10
+from benchmarks.configs import stamp_cifar10
 
 
 def get_config():

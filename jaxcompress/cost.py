@@ -11,7 +11,7 @@ tables). Parameters count weights, biases and BatchNorm scale and shift (not the
 running statistics). Bytes are exact: what `jaxcompress.quant.export` writes
 (bit-packed weights at their bit width, scales or codebooks, Deep-Compression CSR
 relative indices for element-pruned layers, float32 biases, folded BatchNorm and
-activation ranges; see `jaxcompress.quant.size`).
+activation ranges; see `jaxcompress.storage`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxcompress.models.table import ModelTable
+from jaxcompress.storage import table_layer_storage
 
 
 def _io(table: ModelTable, widths):
@@ -67,7 +68,6 @@ def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | 
     the layers' own) and `index_bits` ({"conv": 8, "dense": 5} by default) fix the
     storage format that `bytes` counts exactly.
     """
-    from jaxcompress.quant.size import table_layer_storage  # late: jaxcompress.quant imports cost
     widths = effective_widths(table, masks)
     per_layer = {k: np.asarray(v) for k, v in layer_counts(table, widths).items()}
     flat_masks = traverse_util.flatten_dict(dict(masks)) if masks is not None else {}

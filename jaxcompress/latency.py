@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from jaxcompress.bench.timing import forward_latencies, interleaved_medians
+from jaxcompress.timing import forward_latencies, interleaved_medians
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
 

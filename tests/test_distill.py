@@ -8,7 +8,7 @@ import pytest
 from configs import quickstart
 from jaxcompress import jobs
 from jaxcompress.errors import ConfigError
-from jaxcompress.train import loop, setup_experiment
+from jaxcompress.train import Recipe, loop, setup_experiment
 
 
 def _record_steps(monkeypatch) -> list:
@@ -43,7 +43,7 @@ def test_prune_job_fine_tunes_distil_from_the_reference(tmp_path, monkeypatch):
     # pretraining the reference has no teacher; the gradual step's and the shrunk network's fine-tunes have it
     assert [e["teacher"] is None for e in calls] == [True, False, False]
     assert all(e["steps"] > 0 for e in calls)
-    reference = loop.load_trained(c, setup_experiment(c), f"{workdir}/pretrain")
+    reference = loop.load_trained(setup_experiment(c), f"{workdir}/pretrain", Recipe.from_config(c))
     for entry in calls[1:]:
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(entry["teacher"]["params"]), reference.params)
     assert summary["accuracy_pruned"] > 0.5

@@ -13,8 +13,10 @@ from sklearn.linear_model import Lasso
 
 from jaxcompress.layers import Conv, Dense
 from jaxcompress.models import create_model, describe
-from jaxcompress.pruning.lasso import (_conv_patches, _consumers, _gram_from_patches, lasso_fista, lasso_groups,
-                                       lasso_prune, least_squares_refit, select_channels)
+from jaxcompress.pruning.lasso import lasso_fista, lasso_groups, lasso_prune, least_squares_refit, select_channels
+from jaxcompress.pruning.lasso.gram import _gram_from_patches
+from jaxcompress.pruning.lasso.prune import _consumers
+from jaxcompress.pruning.lasso.sampling import _conv_patches
 from jaxcompress.pruning.surgery import shrink
 
 

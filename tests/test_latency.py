@@ -163,12 +163,12 @@ def test_prune_job_meets_a_latency_budget(tmp_path, monkeypatch):
     from configs import quickstart
     from jaxcompress.pruning.job import prune_and_finetune
     monkeypatch.setenv("JAXCOMPRESS_CACHE", str(tmp_path / "cache"))
-    # deterministic 'measurements' (the formula); real timing is what configs/bench/latency_budget.py measures
+    # deterministic 'measurements' (the formula); real timing is what benchmarks/configs/latency_budget.py measures
     monkeypatch.setattr(LatencyTable, "measure", FormulaTable.measure)
     monkeypatch.setattr(latency, "measure_networks", lambda table, ws, batch, rounds=3: [
         1.1 * sum(FormulaTable.formula(k) for k in layer_shapes(table, w, batch)) + 1e-5 for w in ws])
     c = quickstart.get_config()
-    c.train.num_epochs, c.prune.finetune_epochs, c.prune.latency_batch = 1, 0, 32
+    c.train.num_epochs, c.prune.finetune_epochs, c.hardware.latency_batch = 1, 0, 32
     c.prune.scope, c.prune.latency_budget = "all", 0.6
     s = prune_and_finetune(c, str(tmp_path / "run"))
     assert s["latency_budget"] == 0.6 and s["latency_predicted_fraction"] <= 0.6
@@ -188,7 +188,7 @@ def test_search_job_keeps_a_latency_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "measure_networks", lambda table, ws, batch, rounds=3: [
         sum(FormulaTable.formula(k) for k in layer_shapes(table, w, batch)) for w in ws])
     c = quickstart.get_config()
-    c.job, c.train.num_epochs, c.prune.latency_batch = "search", 1, 32
+    c.job, c.train.num_epochs, c.hardware.latency_batch = "search", 1, 32
     s = c.search
     s.num_actors, s.episodes, s.eval_size, s.scope, s.a_max = 4, 8, 100, "all", 0.9
     s.flops_budget, s.latency_budget, s.finetune_epochs, s.quant.episodes = 1.0, 0.5, 0, 0

@@ -100,8 +100,8 @@ def test_train_run_writes_config_metrics_summary_and_checkpoints(reference_run):
     assert s["test_accuracy"] > 0.5  # it learned something (chance is 0.1)
     assert s["val_accuracy"] == metrics[-1]["val"]["accuracy"]
     assert s["best_val_accuracy"] == max(m["val"]["accuracy"] for m in metrics)
-    # measured forward latency of the trained network at prune.latency_batch (issue 7: in every summary)
-    assert s["latency_batch"] == config["prune"]["latency_batch"] == 128
+    # measured forward latency of the trained network at hardware.latency_batch (issue 7: in every summary)
+    assert s["latency_batch"] == config["hardware"]["latency_batch"] == 128
     assert list(s["latency_s"]) == ["trained"] and 0.0 < s["latency_s"]["trained"] < 10.0
 
     assert r["checkpoints"] and max(r["checkpoints"]) == EPOCHS * STEPS_PER_EPOCH

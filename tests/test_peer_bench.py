@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from configs.bench import peer_torch_pruning as peer_config
+from benchmarks.configs import peer_torch_pruning as peer_config
 from jaxcompress import cost
-from jaxcompress.bench import peer
+from benchmarks import peer
 from jaxcompress.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def test_missing_torch_interpreter_is_a_one_line_error_before_any_work(tmp_path,
 def test_launch_exits_2_with_the_install_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "launch.main", "--config=configs/bench/peer_torch_pruning.py",
+    proc = subprocess.run([sys.executable, "-m", "launch.main", "--config=benchmarks/configs/peer_torch_pruning.py",
                            f"--workdir={tmp_path}", "--config.bench.torch_python=no-such-venv/bin/python"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -86,7 +86,7 @@ def test_weights_convert_to_the_torch_state_dict_names(zoo):
 
 
 def test_peer_script_imports_without_torch():
-    module = importlib.import_module("jaxcompress.bench.peer_torch_pruning")
+    module = importlib.import_module("benchmarks.peer_torch_pruning")
     assert callable(module.main)
     assert "torch" not in sys.modules
     with open(os.path.join(ROOT, "setup.py")) as f:

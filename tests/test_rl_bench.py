@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from configs.bench.search_agents import agents_bench
-from jaxcompress import jobs
+from benchmarks.configs.search_agents import agents_bench
+from benchmarks.run import run as run_job
 from jaxcompress.pruning import criteria as C
 from jaxcompress.rl.evaluate import correct_fraction
 from jaxcompress.rl.job import eval_data
-from jaxcompress.train import setup_experiment
+from jaxcompress.train import Recipe, setup_experiment
 from jaxcompress.train.loop import load_trained
 
 
@@ -19,7 +19,7 @@ def test_agents_bench_summary_agrees_with_its_runs_and_uniform_is_scored_like_th
     c = quickstart.get_config()
     c.job, c.train.num_epochs = "train", 2
     reference = str(tmp_path / "reference")
-    jobs.run(c, reference)
+    run_job(c, reference)
 
     c.job = "bench_search_agents"
     s = c.search
@@ -28,7 +28,7 @@ def test_agents_bench_summary_agrees_with_its_runs_and_uniform_is_scored_like_th
     c.bench = agents_bench(final_window=4)
     c.bench.seeds, c.bench.num_actors = (0, 1), {"ppo": 4, "ddpg": 4}
     c.train.distill_weight = 0.5  # the policies' fine-tunes distil from the reference
-    out = jobs.run(c, str(tmp_path / "bench"))
+    out = run_job(c, str(tmp_path / "bench"))
 
     for agent in ("ppo", "ddpg"):
         runs = [out["runs"][f"{agent}_seed{seed}"] for seed in (0, 1)]
@@ -43,10 +43,10 @@ def test_agents_bench_summary_agrees_with_its_runs_and_uniform_is_scored_like_th
     # uniform: the largest uniform keep ratio within the budget, scored by the agents' evaluator,
     # which here (no per-candidate SGD steps) is the plain forward of the masked reference
     exp = setup_experiment(c)
-    state = load_trained(c, exp, reference)
+    state = load_trained(exp, reference, Recipe.from_config(c))
     uniform = out["uniform"]
     groups = list(C.prunable_groups(exp.table, "all"))
-    assert uniform["widths"] == C.keep_counts(exp.table, uniform["keep_ratio"], groups, s.multiple)
+    assert uniform["widths"] == C.keep_counts(exp.table, uniform["keep_ratio"], groups, c.hardware.multiple)
     assert uniform["flops_ratio"] <= 0.5 + 1e-6
     variables = state.variables()
     data = eval_data(exp, variables, s.eval_size, c.seed)

@@ -53,12 +53,12 @@ def test_element_granularity_bad_settings():
     c = _config()
     c.search.latency_budget = 0.5
     with pytest.raises(ConfigError, match="does not support search.latency_budget"):
-        check_search_config(c.search)
+        check_search_config(c.search, c.hardware.multiple)
     c = _config()
     c.search.scheme = "lasso"
     with pytest.raises(ConfigError, match="scheme=lasso"):
-        check_search_config(c.search)
+        check_search_config(c.search, c.hardware.multiple)
     c = _config()
     c.search.granularity = "kernel"
     with pytest.raises(ConfigError, match="unknown search.granularity 'kernel'"):
-        check_search_config(c.search)
+        check_search_config(c.search, c.hardware.multiple)

@@ -9,13 +9,13 @@ import optax
 import pytest
 from flax import traverse_util
 
-from configs.bench import single_layer_cifar10
-from jaxcompress import jobs
+from benchmarks.configs import single_layer_cifar10
+from benchmarks.run import run as run_job
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe
-from jaxcompress.pruning import bench
-from jaxcompress.train import create_train_state
+from benchmarks import single_layer as bench
+from jaxcompress.train import Recipe, create_train_state
 from jaxcompress.train.experiment import Experiment
 from jaxcompress.train.steps import make_mesh
 
@@ -42,7 +42,7 @@ def test_bad_config_is_one_line_before_any_work(overrides, needle, tmp_path, mon
         raise AssertionError("data loaded / work started before the config was checked")
     monkeypatch.setattr(bench, "setup_experiment", no_work)
     with pytest.raises(ConfigError) as e:
-        jobs.run(_config(**overrides), str(tmp_path))
+        run_job(_config(**overrides), str(tmp_path))
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "pretrain") and not os.path.exists(tmp_path / "results.jsonl")
 
@@ -118,7 +118,7 @@ def _tiny(workdir):
 
 def test_end_to_end_tiny_and_resume(tmp_path, monkeypatch):
     c = _tiny(tmp_path)
-    s = jobs.run(c, str(tmp_path))
+    s = run_job(c, str(tmp_path))
     assert s["widths"] == [8, 16, 64] and s["finetune_steps"] == 3 and s["finetune_examples"] == 3 * 64
     rows = {r["method"]: r for r in s["cells"]}
     assert set(rows) == {"magnitude", "lasso", "variational"}
@@ -127,7 +127,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, monkeypatch):
     from jaxcompress.train.experiment import setup_experiment
     from jaxcompress.train.loop import load_trained
     exp = setup_experiment(c)
-    state = load_trained(c, exp, str(tmp_path / "pretrain"))
+    state = load_trained(exp, str(tmp_path / "pretrain"), Recipe.from_config(c))
     xt, yt = exp.test
     logits = lambda v: np.asarray(exp.model.apply(v, normalize(xt, exp.mean, exp.std)))
     dense_err = float(np.mean(logits(state.variables()).argmax(-1) != yt))
@@ -172,7 +172,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "shrink_and_finetune", counting)
     (tmp_path / "results.jsonl").write_text("\n".join(l for l in lines if '"magnitude"' not in l) + "\n")
-    s2 = jobs.run(c, str(tmp_path))
+    s2 = run_job(c, str(tmp_path))
     assert len(calls) == 1 and "magnitude_conv2_0.5" in calls[0]
     assert s2["table"] == s["table"]
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3

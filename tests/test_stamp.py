@@ -219,7 +219,7 @@ def test_budget_masks_meet_the_budget_after_alignment():
     assert layout.min_fraction("params", None) > layout.min_fraction("params", 1)
     low = layout.min_fraction("params", None)
     check_budget(layout, low, "params", None)
-    with pytest.raises(ConfigError, match="fewest aligned channels.*prune.multiple=1"):
+    with pytest.raises(ConfigError, match="fewest aligned channels.*hardware.multiple=1"):
         check_budget(layout, low * 0.99, "params", None)
 
 

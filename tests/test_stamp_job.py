@@ -59,7 +59,7 @@ def stamp_run(tmp_path_factory):
     c.data.name, c.data.image_size = "digits", 28
     c.train.num_epochs, c.train.batch_size, c.train.eval_batch_size = 3, 32, 200
     c.train.learning_rate = 0.05
-    c.prune.latency_batch = 16
+    c.hardware.latency_batch = 16
     s = c.stamp
     s.reference_classes, s.target.classes = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
     s.val_size, s.set_size, s.snip_batch = 60, 40, 64

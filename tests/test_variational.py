@@ -6,7 +6,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -404,12 +403,10 @@ def test_train_variational_returns_log_alpha_and_prune_entry_point(digits_lenet,
     assert set(la) == {"conv1", "conv2"} and la["conv2"]["spatial"].shape == (5, 5)
     assert la["conv2"]["channel"].dtype == np.float64
     np.testing.assert_allclose(la["conv1"]["channel"], math.log(0.1), rtol=1e-6)  # no step: the initial noise
-    config = ml_collections.ConfigDict(dict(
-        seed=0, train=dict(batch_size=64),  # the batch shape and rates of `runs`: no new compilation
-        prune=dict(keep_ratio=0.5, keep_ratios={}, finetune_learning_rate=0.01,
-                   variational=dict(num_steps=5, spatial_rate=0.2, beta=1.0))))
     exp = types.SimpleNamespace(train=(ds.x_train, ds.y_train), mean=mean, std=std, table=table, mesh=make_mesh())
-    masks, params = variational_prune(config, exp, variables, groups=[0, 1])
+    # the batch shape and rates of `runs`: no new compilation
+    masks, params = variational_prune(exp, variables, 0.5, groups=[0, 1], batch_size=64, learning_rate=0.01,
+                                      settings=dict(num_steps=5, spatial_rate=0.2, beta=1.0))
     # conv1 enters with 5 of 6 channels and 23 of 25 positions alive: rates count alive ones.
     assert int(np.sum(masks["conv1"]["channel"])) == 5 - round(0.5 * 5)
     assert masks["conv1"]["channel"][MASKED_CHANNEL] == 0

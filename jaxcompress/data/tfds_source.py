@@ -35,7 +35,10 @@ def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = N
     name = name.strip()
     if not name:
         raise DataError("Empty name in 'tfds:': give a tfds dataset name, e.g. 'tfds:cifar10'.")
-    import tensorflow_datasets as tfds  # lazy: slow import; never imports TensorFlow here
+    try:
+        import tensorflow_datasets as tfds  # lazy: slow import; never imports TensorFlow here
+    except ImportError:
+        raise DataError(f"reading 'tfds:{name}' needs tensorflow-datasets: pip install 'jaxcompress[tfds]'") from None
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)

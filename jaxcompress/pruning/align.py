@@ -2,7 +2,7 @@
 
 FLOPs are not time. On XLA:CPU a ResNet-56 pruned to 50% of its MACs at widths
 11/23/46 runs *slower* than the dense 16/32/64 one, while 8/16/32 runs twice as fast
-(`configs/bench/width_alignment.py` measures this table). So every pruning path
+(`benchmarks/configs/width_alignment.py` measures this table). So every pruning path
 (`criteria.keep_counts`, `criteria.global_counts`, the RL environment's action
 rounding) rounds kept channel counts to a multiple m of the backend's vector width:
 8 on CPU (AVX2/AVX-512 float lanes) and GPU (tensor-core tiles), 128 on TPU (lanes).

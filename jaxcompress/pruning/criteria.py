@@ -11,7 +11,7 @@ streams, depthwise convs and BatchNorms are pruned consistently by construction.
 * `snip`: connection sensitivity |g * w| on a batch (Lee et al. 2019), summed per
   output channel; at initialisation or from a trained network.
 * `random`: uniform scores (the random-pruning baseline).
-LASSO channel selection lives in `lasso.py`, variational pruning in `variational.py`.
+LASSO channel selection lives in the `lasso/` package, variational pruning in `variational.py`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxcompress import cost
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
 from jaxcompress.pruning import align
@@ -219,7 +220,6 @@ def keep_ratio_for_flops(table: ModelTable, flops_fraction: float, groups: Seque
                          multiple: int | None = 1, iters: int = 40) -> float:
     """Largest uniform keep ratio whose aligned widths meet `flops_fraction` of the dense
     FLOPs (bisection over the exact cost model)."""
-    from jaxcompress import cost
     dense = float(cost.count(table)["macs"])
     return keep_ratio_for_budget(table, flops_fraction, lambda c: float(cost.count(table, c)["macs"]) / dense,
                                  groups, multiple, iters, "FLOPs")

@@ -7,31 +7,28 @@ An interrupted fine-tune resumes from `<workdir>/finetune/checkpoints`.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
-from jaxcompress import cost
-from jaxcompress.bench.timing import forward_latencies
-from jaxcompress.data import normalize
+from jaxcompress import cost, pipeline
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget, latency_model
-from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.surgery import shrink, without_masks
+from jaxcompress.pruning.plan import PrunePlan
+from jaxcompress.pruning.surgery import without_masks
 from jaxcompress.report import plot_layer_bars
-from jaxcompress.train import create_train_state, make_optimizer, setup_experiment, with_teacher
-from jaxcompress.train.loop import fit, make_eval_fn, reference_state, steps_per_epoch
+from jaxcompress.timing import forward_latencies
+from jaxcompress.train import Recipe, Teacher, setup_experiment
+from jaxcompress.train.loop import make_eval_fn
 from jaxcompress.train.metrics import write_json
 
 CRITERIA = C.CHANNEL_CRITERIA + ("lasso", "variational")
 
 
-def check_prune_config(cfg) -> None:
+def check_prune_config(cfg, latency_batch: int) -> None:
     if cfg.criterion not in CRITERIA:
         raise ConfigError(f"unknown prune.criterion '{cfg.criterion}'; choose one of {', '.join(CRITERIA)}")
     if cfg.allocation not in ("uniform", "global"):
@@ -47,8 +44,8 @@ def check_prune_config(cfg) -> None:
     if (cfg.flops_budget or cfg.latency_budget) and (cfg.keep_ratios or cfg.allocation != "uniform"):
         raise ConfigError("a prune budget sets one uniform keep ratio: leave prune.keep_ratios empty and use "
                           "prune.allocation=uniform")
-    if cfg.latency_budget and cfg.latency_batch < 1:
-        raise ConfigError("prune.latency_budget needs prune.latency_batch >= 1 (the batch it is measured at)")
+    if cfg.latency_budget and latency_batch < 1:
+        raise ConfigError("prune.latency_budget needs hardware.latency_batch >= 1 (the batch it is measured at)")
     if cfg.iterations < 1:
         raise ConfigError(f"prune.iterations must be >= 1, got {cfg.iterations}")
     if cfg.iterations > 1 and cfg.criterion in ("lasso", "variational"):
@@ -66,160 +63,90 @@ def latency_keep_ratio(table, budget: float, scope: str, multiple: int | None, b
     return ratio, model.fraction(C.keep_counts(table, ratio, groups, multiple))
 
 
-def sample_batch(exp, size: int, seed: int):
-    """A normalised (images, labels) sample of the training split (for SNIP, LASSO)."""
-    idx = np.random.default_rng(seed).choice(len(exp.train[0]), min(size, len(exp.train[0])), replace=False)
-    return np.asarray(normalize(exp.train[0][idx], exp.mean, exp.std)), exp.train[1][idx].astype(np.int32)
+def budget_keep_ratio(table, p, multiple: int | None, latency_batch: int) -> tuple[float, float | None]:
+    """`(keep_ratio, predicted latency fraction or None)` meeting `prune.flops_budget` or
+    `prune.latency_budget` (`prune.keep_ratio` without one). An unreachable budget is a
+    ConfigError, raised before any training."""
+    if p.latency_budget:
+        ratio, predicted = latency_keep_ratio(table, p.latency_budget, p.scope, multiple, latency_batch)
+        logging.info("latency budget %.0f%%: keep ratio %.3f (predicted %.1f%% of the dense latency)",
+                     100 * p.latency_budget, ratio, 100 * predicted)
+        return ratio, predicted
+    if p.flops_budget:
+        return C.keep_ratio_for_flops(table, p.flops_budget, C.prunable_groups(table, p.scope), multiple), None
+    return float(p.keep_ratio), None
 
 
-def pruning_masks(config, exp, variables, fraction: float = 1.0) -> tuple[dict, dict]:
-    """Masks (and possibly updated params) for `variables` under `config.prune`.
-
-    `fraction` in (0, 1] is how far along a gradual schedule this step is: keep ratio
-    r becomes r**fraction and element rate e becomes 1 - (1 - e)**fraction. Channels
-    and weights already pruned in `variables["masks"]` stay pruned.
-    """
+def prune_recipes(config) -> tuple[Recipe, Recipe]:
+    """(the gradual steps' masked fine-tune, the shrunk network's fine-tune)."""
     p = config.prune
-    table = exp.table
-    groups = C.prunable_groups(table, p.scope)
-    ratios = ({k: v ** fraction for k, v in p.keep_ratios.items()} if p.keep_ratios
-              else p.keep_ratio ** fraction)
-    params = variables["params"]
-    if p.criterion == "lasso":
-        from jaxcompress.pruning.lasso import lasso_groups, lasso_prune
-        eligible = set(lasso_groups(table))  # groups with a depthwise consumer are left whole
-        groups = [g for g in groups if g in eligible]
-        counts = C.keep_counts(table, ratios, groups, p.multiple)
-        # Groups left at their current width (not named in keep_ratios) are not touched: LASSO
-        # would otherwise refit their consumers too.
-        alive = [int(np.sum(np.asarray(m) > 0)) for m in table.group_masks(variables["masks"])]
-        groups = [g for g in groups if counts[g] < alive[g]]
-        images, _ = sample_batch(exp, p.sample_size, config.seed)
-        group_masks, new_vars = lasso_prune(table, variables, images, counts, groups=groups, seed=config.seed)
-        params = new_vars["params"]
-        masks = table.layer_masks(group_masks, variables["masks"])
-    elif p.criterion == "variational":
-        from jaxcompress.pruning.variational import variational_prune
-        masks, params = variational_prune(config, exp, variables, groups)
-    else:
-        batch = sample_batch(exp, p.sample_size, config.seed) if p.criterion == "snip" else None
-        scores = C.channel_scores(table, variables, p.criterion, batch=batch, seed=config.seed)
-        scores = [s * (np.asarray(m) > 0) for s, m in zip(scores, table.group_masks(variables["masks"]))]
-        if p.allocation == "global" and not p.keep_ratios:
-            counts = C.global_counts(table, scores, p.keep_ratio ** fraction, groups, p.multiple)
-        else:
-            counts = C.keep_counts(table, ratios, groups, p.multiple)
-        masks = table.layer_masks(C.masks_from_scores(scores, counts), variables["masks"])
-    if p.element_rate or p.element_rates:
-        rates = {layer.path: p.element_rate for layer in table.layers}
-        rates.update(dict(p.element_rates))
-        rates = {k: 1.0 - (1.0 - v) ** fraction for k, v in rates.items()}
-        masks = C.element_masks(table, {"params": params}, rates, masks)
-    return masks, params
-
-
-def gradual_prune(config, exp, state, workdir: str):
-    """`state` pruned under `config.prune` in `prune.iterations` steps (gradual pruning,
-    Han et al. 2015: prune part of the way, fine-tune the masked network
-    `prune.iteration_epochs` epochs at `prune.finetune_learning_rate`, repeat; each
-    step's fine-tune resumes from `<workdir>/iteration<i>`). One step = one-shot."""
-    p = config.prune
-    ft = config.copy_and_resolve_references()
-    ft.train.learning_rate = p.finetune_learning_rate
-    for i in range(p.iterations):
-        masks, params = pruning_masks(config, exp, state.variables(), (i + 1) / p.iterations)
-        state = state.replace(params=params, masks=masks)
-        if i + 1 < p.iterations and p.iteration_epochs > 0:
-            ft.train.num_epochs = p.iteration_epochs
-            tx = make_optimizer(ft.train, steps_per_epoch(ft, exp))
-            step_state = create_train_state(exp.model, tx, exp.input_shape, config.seed, variables=state.variables())
-            state, _ = fit(ft, exp, step_state, os.path.join(workdir, f"iteration{i + 1}"))
-    return state
-
-
-def shrink_and_finetune(config, exp, variables, workdir: str, num_epochs: int, learning_rate: float):
-    """Surgery, then fine-tuning: the masked network `variables` is rebuilt with its kept
-    widths (`shrink`) and trained `num_epochs` epochs on `exp.train` at `learning_rate`
-    (schedule, optimiser and batch size from `config.train`), resumable from
-    `<workdir>/checkpoints`. Returns `(small_exp, small_state)`, `small_exp` being `exp`
-    with the smaller model and its table."""
-    small_model, small_vars = shrink(exp.table, variables)
-    small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
-    ft = config.copy_and_resolve_references()
-    ft.train.learning_rate = learning_rate
-    ft.train.num_epochs = num_epochs
-    tx = make_optimizer(ft.train, steps_per_epoch(ft, small_exp))
-    small_state = create_train_state(small_model, tx, exp.input_shape, config.seed, variables=small_vars)
-    if num_epochs > 0:
-        small_state, _ = fit(ft, small_exp, small_state, workdir)
-    return small_exp, small_state
+    recipe = Recipe.from_config(config).replace(learning_rate=p.finetune_learning_rate)
+    return recipe.replace(num_epochs=p.iteration_epochs), recipe.replace(num_epochs=p.finetune_epochs)
 
 
 def prune_and_finetune(config, workdir: str) -> dict:
+    """The `prune` job: reference -> plan (criterion, budget) -> gradual pruning -> shrink
+    -> fine-tune -> report."""
     wall_start = time.time()
-    check_prune_config(config.prune)
+    p, hw = config.prune, config.hardware
+    check_prune_config(p, hw.latency_batch)
     exp = setup_experiment(config)
-    predicted = None
-    if config.prune.latency_budget or config.prune.flops_budget:  # before any training: infeasible fails here
-        config = config.copy_and_resolve_references()
-        p = config.prune
-        if p.latency_budget:
-            p.keep_ratio, predicted = latency_keep_ratio(exp.table, p.latency_budget, p.scope, p.multiple,
-                                                         p.latency_batch)
-            logging.info("latency budget %.0f%%: keep ratio %.3f (predicted %.1f%% of the dense latency)",
-                         100 * p.latency_budget, p.keep_ratio, 100 * predicted)
-        else:
-            p.keep_ratio = C.keep_ratio_for_flops(exp.table, p.flops_budget, C.prunable_groups(exp.table, p.scope),
-                                                  p.multiple)
-    p = config.prune
-    state = reference_state(config, exp, p.checkpoint, workdir, "prune.checkpoint")
-    exp = with_teacher(exp, state)  # fine-tunes distil from the reference when train.distill_weight > 0
+    keep_ratio, predicted = budget_keep_ratio(exp.table, p, hw.multiple, hw.latency_batch)  # infeasible: fails here
+    plan = PrunePlan.from_config(config, keep_ratio)
+    state = pipeline.reference(config, exp, p.checkpoint, workdir, "prune.checkpoint")
+    teacher = Teacher.of(state)  # fine-tunes distil from the reference when train.distill_weight > 0
+    step_recipe, ft_recipe = prune_recipes(config)
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense = evaluate(state, exp.test)
     prune_start = time.time()
-    state = gradual_prune(config, exp, state, workdir)
-    masks = state.masks
+    state = pipeline.gradual_prune(exp, state, plan, step_recipe, workdir, iterations=p.iterations, teacher=teacher)
     prune_time = time.time() - prune_start
     masked = evaluate(state, exp.test)
-    dense_cost = cost.summarize(exp.table)
-    pruned_cost = cost.summarize(exp.table, masks, state.quant or None)
-
-    small_exp, small_state = shrink_and_finetune(config, exp, state.variables(), os.path.join(workdir, "finetune"),
-                                                 p.finetune_epochs, p.finetune_learning_rate)
-    small_model = small_exp.model
+    small_exp, small_state = pipeline.shrink_and_finetune(exp, state.variables(), ft_recipe,
+                                                          os.path.join(workdir, "finetune"), teacher=teacher)
     small_eval = make_eval_fn(small_exp, config.train.eval_batch_size)
     final, final_val = small_eval(small_state, small_exp.test), small_eval(small_state, small_exp.val)
-
     nets = {"dense": (exp.model, without_masks(state.variables())), "masked": (exp.model, state.variables()),
-            "shrunk": (small_model, without_masks(small_state.variables()))}
-    latency = forward_latencies(nets, exp.input_shape, p.latency_batch)
-
-    names = exp.table.group_names
-    plot_layer_bars(os.path.join(workdir, "widths.png"), names,
-                    {"dense": exp.table.widths, "pruned": pruned_cost["widths"]}, "channels",
+            "shrunk": (small_exp.model, without_masks(small_state.variables()))}
+    latency = forward_latencies(nets, exp.input_shape, hw.latency_batch)
+    summary = prune_summary(config, exp, state, plan, dense=dense["accuracy"], masked=masked["accuracy"],
+                            pruned=final["accuracy"], val_pruned=final_val["accuracy"], latency=latency,
+                            predicted=predicted)
+    summary.update(prune_time_s=prune_time, wall_time_s=time.time() - wall_start)
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    plot_layer_bars(os.path.join(workdir, "widths.png"), exp.table.group_names,
+                    {"dense": exp.table.widths, "pruned": summary["widths_pruned"]}, "channels",
                     f"{config.model.name}: {p.criterion} pruning, kept channels per group")
+    logging.info("pruned %s: acc %.4f -> %.4f (masked %.4f), params removed %.1f%%, FLOPs left %.1f%%",
+                 config.model.name, dense["accuracy"], final["accuracy"], masked["accuracy"],
+                 100 * summary["params_removed"], 100 * summary["flops_left"])
+    return summary
+
+
+def prune_summary(config, exp, state, plan: PrunePlan, *, dense: float, masked: float, pruned: float,
+                  val_pruned: float, latency: dict, predicted: float | None) -> dict:
+    """summary.json of the prune job: accuracies, exact costs before / after, latencies."""
+    p = config.prune
+    dense_cost = cost.summarize(exp.table)["totals"]
+    pruned_report = cost.summarize(exp.table, state.masks, state.quant or None)
+    pruned_cost = pruned_report["totals"]
     summary = dict(
         job=config.job, model=config.model.name, dataset=config.data.name, criterion=p.criterion,
-        keep_ratio=p.keep_ratio, element_rate=p.element_rate, iterations=p.iterations,
-        accuracy_dense=dense["accuracy"], accuracy_masked=masked["accuracy"], accuracy_pruned=final["accuracy"],
-        val_accuracy_pruned=final_val["accuracy"],
-        params_dense=dense_cost["totals"]["params"], params_pruned=pruned_cost["totals"]["nonzero_params"],
-        params_pruned_structural=pruned_cost["totals"]["params"],
-        flops_dense=dense_cost["totals"]["flops"], flops_pruned=2 * pruned_cost["totals"]["sparse_macs"],
-        flops_pruned_structural=pruned_cost["totals"]["flops"],
-        bytes_dense=dense_cost["totals"]["bytes"], bytes_pruned=pruned_cost["totals"]["bytes"],
-        widths_dense=list(exp.table.widths), widths_pruned=pruned_cost["widths"], groups=list(names),
-        latency_s=latency, latency_batch=p.latency_batch,
+        keep_ratio=plan.keep_ratio, element_rate=p.element_rate, iterations=p.iterations,
+        accuracy_dense=dense, accuracy_masked=masked, accuracy_pruned=pruned, val_accuracy_pruned=val_pruned,
+        params_dense=dense_cost["params"], params_pruned=pruned_cost["nonzero_params"],
+        params_pruned_structural=pruned_cost["params"],
+        flops_dense=dense_cost["flops"], flops_pruned=2 * pruned_cost["sparse_macs"],
+        flops_pruned_structural=pruned_cost["flops"],
+        bytes_dense=dense_cost["bytes"], bytes_pruned=pruned_cost["bytes"],
+        widths_dense=list(exp.table.widths), widths_pruned=pruned_report["widths"],
+        groups=list(exp.table.group_names),
+        latency_s=latency, latency_batch=config.hardware.latency_batch,
         flops_budget=p.flops_budget or None, latency_budget=p.latency_budget or None,
         latency_predicted_fraction=predicted,
         speedup_shrunk=latency["dense"] / latency["shrunk"] if latency else None,
         speedup_masked=latency["dense"] / latency["masked"] if latency else None,
-        prune_time_s=prune_time, wall_time_s=time.time() - wall_start,
         device_kind=jax.devices()[0].device_kind)
     summary["params_removed"] = 1.0 - summary["params_pruned"] / summary["params_dense"]
     summary["flops_left"] = summary["flops_pruned"] / summary["flops_dense"]
-    write_json(os.path.join(workdir, "summary.json"), summary)
-    logging.info("pruned %s: acc %.4f -> %.4f (masked %.4f), params removed %.1f%%, FLOPs left %.1f%%",
-                 config.model.name, dense["accuracy"], final["accuracy"], masked["accuracy"],
-                 100 * summary["params_removed"], 100 * summary["flops_left"])
     return summary

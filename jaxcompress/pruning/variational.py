@@ -64,7 +64,7 @@ import optax
 from flax import struct, traverse_util
 from tqdm.auto import trange
 
-from jaxcompress.data import normalize, shard_batch
+from jaxcompress.data import BatchIterator, normalize, shard_batch
 from jaxcompress.errors import ConfigError
 from jaxcompress.layers.information_dropout import (ALPHA_MAX, ALPHA_MIN, information_dropout_alpha,
                                                     information_dropout_kl_relu)
@@ -434,32 +434,29 @@ def variational_masks(table: ModelTable, log_alpha: Mapping, element_rate: float
 
 # --------------------------------------------------------------------------- prune job
 
-def variational_prune(config, exp, variables: Mapping, groups: Sequence[int] | None = None) -> tuple[dict, dict]:
-    """`prune` job entry: fit the noise on `exp`'s training split, then mask.
+def variational_prune(exp, variables: Mapping, channel_rate: float | Mapping[str, float], *,
+                      groups: Sequence[int] | None = None, settings: Mapping | None = None,
+                      learning_rate: float = 0.01, batch_size: int = 128, seed: int = 0,
+                      multiple: int | None = 1) -> tuple[dict, dict]:
+    """Variational channel pruning of `exp`'s network (Zhan et al. Sec. 4.2): fit the
+    information-dropout noise on `exp`'s training split, then mask.
 
-    Channels: `1 - prune.keep_ratio` (or `prune.keep_ratios`) of each group in
-    `groups`. Kernel positions and training settings come from the optional
-    `prune.variational` dict: spatial_rate (0.0), num_steps (500), beta (1.0),
-    learning_rate (prune.finetune_learning_rate), noise_learning_rate (0.01),
-    batch_size (train.batch_size), include_dense (False), init_alpha (0.05).
+    Channels: `channel_rate` (a fraction, or {group name: fraction}) of each group in
+    `groups`, kept counts multiples of `multiple`. Kernel positions and training
+    settings come from `settings` (`prune.variational`): spatial_rate (0.0), num_steps
+    (500), beta (1.0), learning_rate (`learning_rate`), noise_learning_rate (0.01),
+    batch_size (`batch_size`), include_dense (False), init_alpha (0.05).
     Returns `(masks, params)`, the params trained jointly with the noise.
     """
-    from jaxcompress.data import BatchIterator  # local: keeps module import light
-
-    p = config.prune
-    v = dict(p.get("variational", None) or {})
-    if p.keep_ratios:
-        channel_rate = {name: 1.0 - float(r) for name, r in dict(p.keep_ratios).items()}
-    else:
-        channel_rate = 1.0 - float(p.keep_ratio)
+    v = dict(settings or {})
     x, y = exp.train
-    it = BatchIterator(x, y, int(v.get("batch_size", config.train.batch_size)), seed=config.seed)
+    it = BatchIterator(x, y, int(v.get("batch_size", batch_size)), seed=seed)
     result = fit_variational(
         exp.table, variables, it, exp.mean, exp.std, int(v.get("num_steps", 500)),
-        float(v.get("learning_rate", p.finetune_learning_rate)), float(v.get("beta", 1.0)), config.seed,
+        float(v.get("learning_rate", learning_rate)), float(v.get("beta", 1.0)), seed,
         noise_learning_rate=float(v.get("noise_learning_rate", 1e-2)), num_train=len(x),
         include_dense=bool(v.get("include_dense", False)), init_alpha=float(v.get("init_alpha", 0.05)),
         mesh=exp.mesh)
     masks = variational_masks(exp.table, result.log_alpha, float(v.get("spatial_rate", 0.0)), channel_rate,
-                              masks=variables.get("masks"), groups=groups, multiple=p.get("multiple", 1))
+                              masks=variables.get("masks"), groups=groups, multiple=multiple)
     return masks, result.variables["params"]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxcompress import cost
 from jaxcompress.errors import ConfigError
@@ -62,8 +64,6 @@ class SizeModel:
 
 
 def _with_ranges(quant):
-    from flax import traverse_util
-    import jax.numpy as jnp
     flat = dict(traverse_util.flatten_dict(quant))
     for k, v in list(flat.items()):
         if k[-1] == "bits_a" and float(v) < FLOAT_BITS:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxcompress.models import create_model
 from jaxcompress.quant import pack, size
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer, decode_weight, encode_weight
 
@@ -277,7 +278,6 @@ def load_packed(path: str, model: nn.Module | None = None) -> tuple[nn.Module, d
     activation quantization (`quant`: bits_a, range_a). `model.apply(variables, x)` runs it."""
     payload, meta = read_packed(path)
     if model is None:
-        from jaxcompress.models import create_model
         model = create_model(meta["model"], meta["num_classes"], widths=tuple(meta["widths"]))
     quantizer = WeightQuantizer(**meta["weight_quantizer"])
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *meta["input_shape"])),

@@ -19,6 +19,10 @@ Writes `summary.json` (accuracies float / PTQ / QAT / exported, bytes by the
 accounting and of the file, output agreement of the loaded model), `model.npz` (the
 packed network), `policy.json` (the bits used, in the policy-file format) and
 `bits.png`. An interrupted QAT resumes from `<workdir>/qat/checkpoints`.
+
+The stages, each a function of the job's module: `float_network`, `choose_bits`,
+`post_training_quantize` (`quant.qat.quantize_state`), `quantization_aware_training`
+(`quant.qat.train_qat`), `export_and_verify`, `quantize_summary` and `write_outputs`.
 """
 from __future__ import annotations
 
@@ -37,38 +41,43 @@ from flax import traverse_util
 from jaxcompress import cost
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
-from jaxcompress.models import create_model, describe
+from jaxcompress.latency import measured_latency
+from jaxcompress.models import ModelTable, create_model, describe
+from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.quant import budget as B
 from jaxcompress.quant.calibrate import calibrate_ranges, check_calibration
 from jaxcompress.quant.export import compare_outputs, export_packed, fold_batchnorm, load_packed, norm_epsilons
-from jaxcompress.quant.policy import (SUPPORTED_BITS_A, SUPPORTED_BITS_W, _as_bits, layer_bits, make_quant,
-                                      read_policy, write_policy)
-from jaxcompress.quant.qat import add_kmeans_assignments, make_quantized_apply
+from jaxcompress.quant.policy import (SUPPORTED_BITS_A, SUPPORTED_BITS_W, _as_bits, make_quant, resolve_bits,
+                                      write_policy)
+from jaxcompress.quant.qat import QuantRecipe, make_quantized_apply, quantize_state, train_qat
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer
 from jaxcompress.report import plot_layer_bars
-from jaxcompress.train import create_train_state, make_optimizer, setup_experiment, with_teacher
+from jaxcompress.train import Experiment, Recipe, Teacher, TrainState, create_train_state, setup_experiment
 from jaxcompress.train.checkpoint import CheckpointError
-from jaxcompress.train.loop import fit, load_trained, make_eval_fn, steps_per_epoch, train_and_evaluate
-from jaxcompress.latency import measured_latency
+from jaxcompress.train.loop import load_trained, make_eval_fn, train_and_evaluate
 from jaxcompress.train.metrics import write_json
 
 MODES = ("ptq", "qat")
 ALLOCATIONS = ("uniform", "sensitivity")
 
 
-def quantizer_from_config(q) -> WeightQuantizer:
-    return WeightQuantizer(q.scheme, q.granularity)
-
-
 def index_bits_from_config(q) -> dict[str, int]:
+    """The CSR relative-index bits of `config.quant` ({"conv": ..., "dense": ...})."""
     return {"conv": int(q.index_bits_conv), "dense": int(q.index_bits_dense)}
+
+
+def qat_recipe(config) -> Recipe:
+    """The training recipe of QAT: `config.train`'s, for `quant.qat_epochs` epochs at
+    `quant.qat_learning_rate`."""
+    q = config.quant
+    return Recipe.from_config(config).replace(num_epochs=q.qat_epochs, learning_rate=q.qat_learning_rate)
 
 
 def check_quant_config(q) -> None:
     """Every check that needs no data or model: one-line ConfigError."""
     if q.mode not in MODES:
         raise ConfigError(f"unknown quant.mode '{q.mode}'; choose one of {', '.join(MODES)}")
-    quantizer_from_config(q)
+    WeightQuantizer(q.scheme, q.granularity)  # unknown scheme / granularity
     check_calibration(q.calibration, None, q.percentile)
     if q.calib_batches <= 0 or q.calib_batch_size <= 0:
         raise ConfigError(f"calibration data is empty: quant.calib_batches={q.calib_batches} and "
@@ -101,16 +110,11 @@ def check_quant_config(q) -> None:
         raise ConfigError(f"quant.policy file {q.policy} does not exist")
 
 
-def resolve_bits(config, table) -> tuple[dict[str, int], dict[str, int]]:
-    """{layer: bits_w}, {layer: bits_a} from the uniform values, overrides and policy file."""
-    q = config.quant
-    overrides_w, overrides_a = dict(q.layer_bits_w), dict(q.layer_bits_a)
-    if q.policy:
-        policy = read_policy(q.policy, table, config.model.name)
-        overrides_w.update(policy.get("bits_w", {}))
-        overrides_a.update(policy.get("bits_a", {}))
-    bits_w = layer_bits(table, q.bits_w, overrides_w, "bits_w")
-    bits_a = layer_bits(table, q.bits_a, overrides_a, "bits_a")
+def requested_bits(q, table: ModelTable, model_name: str) -> tuple[dict[str, int], dict[str, int]]:
+    """{layer: bits_w}, {layer: bits_a} from `config.quant`'s uniform values, per-layer
+    overrides and policy file (`resolve_bits`), before any budget."""
+    bits_w, bits_a = resolve_bits(table, q.bits_w, q.bits_a, layer_bits_w=q.layer_bits_w,
+                                  layer_bits_a=q.layer_bits_a, policy=q.policy, model=model_name)
     if q.scheme == "kmeans" and any(b > 8 and b != FLOAT_BITS for b in bits_w.values()):
         raise ConfigError("k-means weight sharing supports 1..8 bits (or 32 = float)")
     return bits_w, bits_a
@@ -145,8 +149,9 @@ def pruned_checkpoint_dir(directory: str) -> str:
                           f"run the prune job with that --workdir first")
 
 
-def load_pruned(config, exp, directory: str):
-    """(experiment for the shrunk network, its TrainState) from a prune job's workdir."""
+def load_pruned(exp: Experiment, directory: str, model_name: str, seed: int = 0) -> tuple[Experiment, TrainState]:
+    """(experiment for the shrunk network, its TrainState) from a prune job's workdir
+    (`exp`: the dense network's experiment; `model_name`: its zoo name)."""
     tree = _restore_raw(pruned_checkpoint_dir(directory))
     flat_masks = traverse_util.flatten_dict(dict(tree.get("masks") or {}))
     widths = []
@@ -154,18 +159,18 @@ def load_pruned(config, exp, directory: str):
         paths = exp.table.mask_paths(g)
         if not paths or paths[0] not in flat_masks:
             raise CheckpointError(f"the checkpoint in {directory} has no channel mask for group {g}; "
-                                  f"is it a {config.model.name} network?")
+                                  f"is it a {model_name} network?")
         widths.append(int(np.asarray(flat_masks[paths[0]]).shape[0]))
-    model = create_model(config.model.name, exp.num_classes, widths=tuple(widths))
+    model = create_model(model_name, exp.num_classes, widths=tuple(widths))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *exp.input_shape)), train=False))
     want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
     got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(tree["params"])).items()}
     if want != got:
-        raise CheckpointError(f"the checkpoint in {directory} does not match {config.model.name} with widths "
+        raise CheckpointError(f"the checkpoint in {directory} does not match {model_name} with widths "
                               f"{widths}")
     small = dataclasses.replace(exp, model=model, table=describe(model, exp.input_shape))
     variables = {k: tree[k] for k in ("params", "batch_stats", "masks") if tree.get(k)}
-    state = create_train_state(model, optax.identity(), exp.input_shape, config.seed,
+    state = create_train_state(model, optax.identity(), exp.input_shape, seed,
                                variables=jax.tree.map(jnp.asarray, variables))
     return small, state
 
@@ -175,22 +180,23 @@ def _has_checkpoint(directory: str) -> bool:
                for d in ("best", "checkpoints"))
 
 
-def float_network(config, exp, workdir: str):
-    """(experiment, TrainState, description of the source) of the network to quantize."""
+def float_network(config, exp: Experiment, workdir: str) -> tuple[Experiment, TrainState, str]:
+    """Stage 1: (experiment, TrainState, description of the source) of the network to
+    quantize: `quant.pruned_checkpoint`, pruned here (`quant.prune_first`), or the trained
+    `quant.checkpoint` (trained first where missing)."""
     q = config.quant
     if q.pruned_checkpoint:
-        small, state = load_pruned(config, exp, q.pruned_checkpoint)
+        small, state = load_pruned(exp, q.pruned_checkpoint, config.model.name, config.seed)
         return small, state, f"pruned:{q.pruned_checkpoint}"
     if q.prune_first:
         prune_dir = os.path.join(workdir, "prune")
         if not os.path.isfile(os.path.join(prune_dir, "summary.json")):
-            from jaxcompress.pruning.job import prune_and_finetune
             pcfg = config.copy_and_resolve_references()
             pcfg.job = "prune"
             if q.checkpoint:
                 pcfg.prune.checkpoint = q.checkpoint
             prune_and_finetune(pcfg, prune_dir)
-        small, state = load_pruned(config, exp, prune_dir)
+        small, state = load_pruned(exp, prune_dir, config.model.name, config.seed)
         return small, state, f"pruned here:{prune_dir}"
     directory = q.checkpoint or os.path.join(workdir, "pretrain")
     if not _has_checkpoint(directory) and (q.train_if_missing or not q.checkpoint):
@@ -198,24 +204,16 @@ def float_network(config, exp, workdir: str):
         tcfg = config.copy_and_resolve_references()
         tcfg.job = "train"
         train_and_evaluate(tcfg, directory)
-    return exp, load_trained(config, exp, directory), f"float:{directory}"
+    return exp, load_trained(exp, directory, Recipe.from_config(config)), f"float:{directory}"
 
 
 # ------------------------------------------------------------------------------------------------
-# Pieces of the job
+# Choosing the bits
 # ------------------------------------------------------------------------------------------------
-
-def calibration_batches(exp, q, seed: int) -> list[np.ndarray]:
-    n = len(exp.train[0])
-    if n == 0:
-        raise ConfigError("calibration data is empty: the training split has no examples")
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(n, min(n, q.calib_batches * q.calib_batch_size), replace=False)
-    x = np.asarray(normalize(exp.train[0][idx], exp.mean, exp.std))
-    return [x[i:i + q.calib_batch_size] for i in range(0, len(x), q.calib_batch_size)]
-
 
 def size_budget(q, size_model: B.SizeModel, float_bytes: float) -> float | None:
+    """The size budget in bytes of `config.quant` (None: none); `float_bytes`: what
+    `quant.budget_ratio` is a fraction of."""
     if q.budget_bytes:
         return float(q.budget_bytes)
     if q.budget_ratio:
@@ -262,8 +260,90 @@ def layer_sensitivity(exp, state, quantizer: WeightQuantizer, bits_a, candidates
     return out
 
 
+def choose_bits(q, exp: Experiment, state: TrainState, model_name: str, qrecipe: QuantRecipe,
+                index_bits: dict[str, int], dense_table: ModelTable) -> tuple[dict, dict, dict]:
+    """Stage 2: `requested_bits`, then the budget of `config.quant` (if any) met by
+    lowering weight bits (HAQ order or the sensitivity heuristic, `quant.allocation`).
+    Returns (bits_w, bits_a, summary fields: the request, budget, sensitivity, float bytes)."""
+    bits_w, bits_a = requested_bits(q, exp.table, model_name)
+    table, masks, quantizer = exp.table, state.masks or None, qrecipe.quantizer
+    size_model = B.SizeModel(table, masks, bits_a, quantizer, index_bits)
+    float_bytes = cost.summarize(table, masks, None, quantizer=quantizer, index_bits=index_bits)["totals"]["bytes"]
+    original_bytes = cost.summarize(dense_table)["totals"]["bytes"]
+    budget = size_budget(q, size_model, original_bytes if q.budget_ratio else float_bytes)
+    info = dict(bits_w_requested=dict(bits_w), budget_bytes=budget, budget_bitops=q.budget_bitops or None,
+                sensitivity=None, bytes_original_float32=original_bytes, bytes_float32=float_bytes)
+    floors = (q.min_bits_w, q.first_last_min_bits)
+    if budget is not None and q.allocation == "sensitivity":
+        start = time.time()
+        info["sensitivity"] = layer_sensitivity(exp, state, quantizer, bits_a, tuple(q.sensitivity_bits),
+                                                q.sensitivity_examples, qrecipe.seed)
+        bits_w = B.allocate_by_sensitivity(bits_w, info["sensitivity"], size_model, budget, *floors)
+        logging.info("sensitivity allocation (%.1fs): %s", time.time() - start, bits_w)
+    elif budget is not None:
+        bits_w = B.enforce_budget(bits_w, size_model, budget, *floors)
+    if q.budget_bitops:
+        bitops = B.bitops(table, masks)
+        bits_w = B.enforce_budget(bits_w, lambda bw: bitops(bw, bits_a), float(q.budget_bitops), *floors,
+                                  what="BitOps")
+    return bits_w, bits_a, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantizing, training, exporting
+# ------------------------------------------------------------------------------------------------
+
+def post_training_quantize(exp: Experiment, state: TrainState, bits_w, bits_a, qrecipe: QuantRecipe, evaluate
+                           ) -> tuple[TrainState, dict]:
+    """Stage 3 (PTQ): `quantize_state` (calibrated ranges), evaluated on the test and
+    validation splits. Returns (quantized state, summary fields)."""
+    start = time.time()
+    state, ranges = quantize_state(exp, state, bits_w, bits_a, qrecipe)
+    calib_time = time.time() - start
+    test, val = evaluate(state, exp.test), evaluate(state, exp.val)
+    return state, dict(accuracy_ptq=test["accuracy"], val_accuracy_ptq=val["accuracy"], calibration_ranges=ranges,
+                       calibration_time_s=calib_time)
+
+
+def quantization_aware_training(exp: Experiment, state: TrainState, recipe: Recipe, workdir: str, evaluate, *,
+                                teacher: Teacher | None = None) -> tuple[TrainState, dict]:
+    """Stage 4 (QAT): `train_qat` into `workdir`, evaluated on the test split. Returns
+    (trained state, summary fields)."""
+    state, info = train_qat(exp, state, recipe, workdir, teacher=teacher)
+    return state, dict(accuracy_qat=evaluate(state, exp.test)["accuracy"], qat_train_time_s=info["train_time_s"])
+
+
 def _eval_state(model, variables, input_shape, seed):
     return create_train_state(model, optax.identity(), input_shape, seed, variables=variables)
+
+
+def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *, model_name: str,
+                      quantizer: WeightQuantizer, index_bits: dict[str, int], verify_batch: int, seed: int = 0
+                      ) -> dict:
+    """Stage 5: the quantized network `state` (a `quantize_state` / `train_qat` result)
+    packed into `path` (`export_packed`), loaded back and checked: its outputs on the first
+    `verify_batch` test images against the fake-quant network's (BatchNorm folded), its
+    payload against the exact size accounting, its test accuracy. Returns {"accounting":
+    `cost.summarize` of the quantized network, "exported": `export_packed`'s record,
+    "agreement": `compare_outputs`', "outputs_match", "payload_equals_accounting",
+    "accuracy": the loaded network's test accuracy, "model": the loaded model,
+    "export_time_s"}."""
+    accounting = cost.summarize(exp.table, state.masks or None, state.quant, quantizer=quantizer,
+                                index_bits=index_bits)
+    start = time.time()
+    exported = export_packed(path, exp.table, state.variables(), model_name=model_name,
+                             num_classes=exp.num_classes, quantizer=quantizer, index_bits=index_bits,
+                             input_mean=exp.mean, input_std=exp.std)
+    export_time = time.time() - start
+    loaded_model, loaded_vars, _ = load_packed(path)
+    folded = fold_batchnorm(state.variables(), norm_epsilons(exp.model, exp.input_shape))
+    x_check = jnp.asarray(normalize(exp.test[0][:verify_batch], exp.mean, exp.std))
+    agreement = compare_outputs(state.apply_fn, folded, loaded_model.apply, loaded_vars, x_check)
+    accuracy = evaluate(_eval_state(loaded_model, loaded_vars, exp.input_shape, seed), exp.test)["accuracy"]
+    return dict(accounting=accounting, exported=exported, agreement=agreement, accuracy=accuracy,
+                outputs_match=agreement["max_abs_diff"] <= 1e-5 * max(1.0, agreement["max_abs_output"]),
+                payload_equals_accounting=exported["payload_bytes"] == int(accounting["totals"]["bytes"]),
+                model=loaded_model, export_time_s=export_time)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,123 +351,78 @@ def _eval_state(model, variables, input_shape, seed):
 # ------------------------------------------------------------------------------------------------
 
 def quantize(config, workdir: str) -> dict:
+    """The `quantize` job: float network -> bits -> PTQ -> (QAT) -> export and check ->
+    summary.json, model.npz, policy.json, bits.png (see the module docstring)."""
     wall_start = time.time()
     q = config.quant
     check_quant_config(q)
-    quantizer = quantizer_from_config(q)
-    index_bits = index_bits_from_config(q)
+    qrecipe, index_bits = QuantRecipe.from_config(config), index_bits_from_config(q)
     exp = setup_experiment(config)
-    resolve_bits(config, exp.table)  # names and ranges: fail before any training
+    requested_bits(q, exp.table, config.model.name)  # names and ranges: fail before any training
     dense_table = exp.table
-    exp, state, source = float_network(config, exp, workdir)
-    exp = with_teacher(exp, state)  # QAT distils from the float network when train.distill_weight > 0
-    table = exp.table
-    bits_w, bits_a = resolve_bits(config, table)
+    exp, float_state, source = float_network(config, exp, workdir)
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
-    float_test = evaluate(state, exp.test)
-    masks = state.masks or None
+    fields = dict(source=source, accuracy_float=evaluate(float_state, exp.test)["accuracy"])
+    bits_w, bits_a, info = choose_bits(q, exp, float_state, config.model.name, qrecipe, index_bits, dense_table)
+    state, ptq = post_training_quantize(exp, float_state, bits_w, bits_a, qrecipe, evaluate)
+    logging.info("PTQ %s: test accuracy %.4f (float %.4f)", config.model.name, ptq["accuracy_ptq"],
+                 fields["accuracy_float"])
+    fields.update(info, **ptq, accuracy_qat=None, qat_train_time_s=None)
+    if q.mode == "qat":  # distils from the float network when train.distill_weight > 0
+        state, qat = quantization_aware_training(exp, state, qat_recipe(config), os.path.join(workdir, "qat"),
+                                                 evaluate, teacher=Teacher.of(float_state))
+        fields.update(qat)
+    fields.update(accuracy_quantized=evaluate(state, exp.test)["accuracy"],
+                  val_accuracy_quantized=evaluate(state, exp.val)["accuracy"])
+    check = export_and_verify(os.path.join(workdir, "model.npz"), exp, state, evaluate, model_name=config.model.name,
+                              quantizer=qrecipe.quantizer, index_bits=index_bits, verify_batch=q.verify_batch,
+                              seed=config.seed)
+    summary = quantize_summary(config, exp, dense_table, qrecipe.quantizer, bits_w, bits_a, fields, check)
+    summary["wall_time_s"] = time.time() - wall_start
+    write_outputs(workdir, summary, exp.table, check)
+    return summary
 
-    # Budget (exact bytes) and allocation.
-    size_model = B.SizeModel(table, masks, bits_a, quantizer, index_bits)
-    float_bytes = cost.summarize(table, masks, None, quantizer=quantizer, index_bits=index_bits)["totals"]["bytes"]
-    original_bytes = cost.summarize(dense_table)["totals"]["bytes"]
-    budget = size_budget(q, size_model, original_bytes if q.budget_ratio else float_bytes)
-    requested_bits = dict(bits_w)
-    sensitivity = None
-    if budget is not None and q.allocation == "sensitivity":
-        start = time.time()
-        sensitivity = layer_sensitivity(exp, state, quantizer, bits_a, tuple(q.sensitivity_bits),
-                                        q.sensitivity_examples, config.seed)
-        bits_w = B.allocate_by_sensitivity(bits_w, sensitivity, size_model, budget, q.min_bits_w,
-                                           q.first_last_min_bits)
-        logging.info("sensitivity allocation (%.1fs): %s", time.time() - start, bits_w)
-    elif budget is not None:
-        bits_w = B.enforce_budget(bits_w, size_model, budget, q.min_bits_w, q.first_last_min_bits)
-    if q.budget_bitops:
-        bitops = B.bitops(table, masks)
-        bits_w = B.enforce_budget(bits_w, lambda bw: bitops(bw, bits_a), float(q.budget_bitops), q.min_bits_w,
-                                  q.first_last_min_bits, what="BitOps")
 
-    # Quant collection: bits, k-means assignments, activation ranges.
-    quant = make_quant(table, bits_w=bits_w, bits_a=bits_a)
-    if q.scheme == "kmeans":
-        quant = add_kmeans_assignments(state.params, masks, quant, q.kmeans_iters)
-    apply_fn = make_quantized_apply(exp.model, quantizer)
-    calib_start = time.time()
-    quant, calib = calibrate_ranges(apply_fn, {**state.variables(), "quant": quant},
-                                    calibration_batches(exp, q, config.seed), q.calibration, q.percentile,
-                                    seed=config.seed)
-    calib_time = time.time() - calib_start
-    state = state.replace(quant=quant, apply_fn=apply_fn)
-    ptq_test, ptq_val = evaluate(state, exp.test), evaluate(state, exp.val)
-    logging.info("PTQ %s: test accuracy %.4f (float %.4f)", config.model.name, ptq_test["accuracy"],
-                 float_test["accuracy"])
+def quantize_summary(config, exp: Experiment, dense_table: ModelTable, quantizer: WeightQuantizer, bits_w: dict,
+                     bits_a: dict, fields: dict, check: dict) -> dict:
+    """Stage 6: summary.json's fields: the stages' `fields`, the export `check`'s sizes and
+    agreement, and the measured float latency of the original and the exported network."""
+    q, totals, exported = config.quant, check["accounting"]["totals"], check["exported"]
+    batch = config.hardware.latency_batch
+    return dict(
+        job=config.job, model=config.model.name, dataset=config.data.name, mode=q.mode,
+        weight_quantizer=quantizer.to_dict(), calibration=q.calibration, allocation=q.allocation, bits_w=bits_w,
+        bits_a=bits_a, widths=list(exp.table.widths), **fields, accuracy_exported=check["accuracy"],
+        drop_points=100.0 * (fields["accuracy_float"] - check["accuracy"]), bytes_quantized=totals["bytes"],
+        file_bytes=exported["file_bytes"], payload_bytes=exported["payload_bytes"],
+        file_metadata_bytes=exported["file_bytes"] - exported["payload_bytes"],
+        payload_equals_accounting=check["payload_equals_accounting"],
+        compression_ratio=fields["bytes_original_float32"] / totals["bytes"],
+        params_original=cost.summarize(dense_table)["totals"]["params"], nonzero_params=totals["nonzero_params"],
+        outputs_max_abs_diff=check["agreement"]["max_abs_diff"],
+        outputs_argmax_agreement=check["agreement"]["argmax_agreement"], outputs_match=check["outputs_match"],
+        layers=check["accounting"]["layers"], export_time_s=check["export_time_s"],
+        device_kind=jax.devices()[0].device_kind, latency_batch=batch,
+        # float forward passes: the original network and the exported one as loaded (dequantized)
+        latency_s=measured_latency({"original": dense_table.model, "exported": check["model"]}, exp.input_shape,
+                                   batch))
 
-    qat_info, qat_test = {}, None
-    if q.mode == "qat":
-        qcfg = config.copy_and_resolve_references()
-        qcfg.train.num_epochs = q.qat_epochs
-        qcfg.train.learning_rate = q.qat_learning_rate
-        tx = make_optimizer(qcfg.train, steps_per_epoch(qcfg, exp))
-        state = state.replace(tx=tx, opt_state=tx.init(state.params), step=jnp.zeros((), jnp.int32))
-        state, qat_info = fit(qcfg, exp, state, os.path.join(workdir, "qat"))
-        state = state.replace(apply_fn=apply_fn)
-        qat_test = evaluate(state, exp.test)
-    final_test, final_val = evaluate(state, exp.test), evaluate(state, exp.val)
 
-    # Exact size, export, load back, check.
-    quant_summary = cost.summarize(table, masks, state.quant, quantizer=quantizer, index_bits=index_bits)
-    model_path = os.path.join(workdir, "model.npz")
-    export_start = time.time()
-    exported = export_packed(model_path, table, state.variables(), model_name=config.model.name,
-                             num_classes=exp.num_classes, quantizer=quantizer, index_bits=index_bits,
-                             input_mean=exp.mean, input_std=exp.std)
-    export_time = time.time() - export_start
-    loaded_model, loaded_vars, _ = load_packed(model_path)
-    folded = fold_batchnorm(state.variables(), norm_epsilons(exp.model, exp.input_shape))
-    x_check = jnp.asarray(normalize(exp.test[0][:q.verify_batch], exp.mean, exp.std))
-    agreement = compare_outputs(apply_fn, folded, loaded_model.apply, loaded_vars, x_check)
-    loaded_state = _eval_state(loaded_model, loaded_vars, exp.input_shape, config.seed)
-    exported_test = evaluate(loaded_state, exp.test)
-    outputs_match = agreement["max_abs_diff"] <= 1e-5 * max(1.0, agreement["max_abs_output"])
-
-    write_policy(os.path.join(workdir, "policy.json"), bits_w, bits_a, model=config.model.name,
-                 widths=list(table.widths), note="bits used by the quantize job")
+def write_outputs(workdir: str, summary: dict, table: ModelTable, check: dict) -> None:
+    """policy.json (the bits used), bits.png and summary.json into `workdir`; logs the result."""
+    s, name = summary, summary["model"]
+    bits_w, bits_a = s["bits_w"], s["bits_a"]
+    write_policy(os.path.join(workdir, "policy.json"), bits_w, bits_a, model=name, widths=list(table.widths),
+                 note="bits used by the quantize job")
     names = [l.path for l in table.layers]
     plot_layer_bars(os.path.join(workdir, "bits.png"), names,
                     {"bits_w": [bits_w[p] if bits_w[p] < FLOAT_BITS else 0 for p in names],
                      "bits_a": [bits_a[p] if bits_a[p] < FLOAT_BITS else 0 for p in names]}, "bits (0 = float)",
-                    f"{config.model.name}: {q.mode} {q.scheme} bits per layer")
-    acc_float, acc_final = float_test["accuracy"], final_test["accuracy"]
-    summary = dict(
-        job=config.job, model=config.model.name, dataset=config.data.name, source=source, mode=q.mode,
-        weight_quantizer=quantizer.to_dict(), calibration=q.calibration, allocation=q.allocation,
-        bits_w=bits_w, bits_a=bits_a, bits_w_requested=requested_bits, widths=list(table.widths),
-        budget_bytes=budget, budget_bitops=q.budget_bitops or None,
-        accuracy_float=acc_float, accuracy_ptq=ptq_test["accuracy"], val_accuracy_ptq=ptq_val["accuracy"],
-        accuracy_qat=None if qat_test is None else qat_test["accuracy"], accuracy_quantized=acc_final,
-        val_accuracy_quantized=final_val["accuracy"], accuracy_exported=exported_test["accuracy"],
-        drop_points=100.0 * (acc_float - exported_test["accuracy"]),
-        bytes_original_float32=original_bytes, bytes_float32=float_bytes,
-        bytes_quantized=quant_summary["totals"]["bytes"], file_bytes=exported["file_bytes"],
-        payload_bytes=exported["payload_bytes"], file_metadata_bytes=exported["file_bytes"] - exported["payload_bytes"],
-        payload_equals_accounting=exported["payload_bytes"] == int(quant_summary["totals"]["bytes"]),
-        compression_ratio=original_bytes / quant_summary["totals"]["bytes"],
-        params_original=cost.summarize(dense_table)["totals"]["params"],
-        nonzero_params=quant_summary["totals"]["nonzero_params"],
-        outputs_max_abs_diff=agreement["max_abs_diff"], outputs_argmax_agreement=agreement["argmax_agreement"],
-        outputs_match=outputs_match, layers=quant_summary["layers"], calibration_ranges=calib,
-        sensitivity=sensitivity, calibration_time_s=calib_time, export_time_s=export_time,
-        qat_train_time_s=qat_info.get("train_time_s"), wall_time_s=time.time() - wall_start,
-        device_kind=jax.devices()[0].device_kind, latency_batch=config.prune.latency_batch,
-        # float forward passes: the original network and the exported one as loaded (dequantized)
-        latency_s=measured_latency({"original": dense_table.model, "exported": loaded_model}, exp.input_shape,
-                                   config.prune.latency_batch))
-    write_json(os.path.join(workdir, "summary.json"), summary)
-    if not summary["payload_equals_accounting"] or not outputs_match:
+                    f"{name}: {s['mode']} {s['weight_quantizer']['scheme']} bits per layer")
+    write_json(os.path.join(workdir, "summary.json"), s)
+    if not s["payload_equals_accounting"] or not s["outputs_match"]:
         logging.warning("export check failed: payload %d vs accounting %d bytes, max output diff %.3g",
-                        exported["payload_bytes"], quant_summary["totals"]["bytes"], agreement["max_abs_diff"])
-    logging.info("quantized %s (%s, %s): acc %.4f -> %.4f (exported %.4f); %d -> %d bytes (%.1fx)",
-                 config.model.name, q.mode, q.scheme, acc_float, acc_final, exported_test["accuracy"],
-                 original_bytes, quant_summary["totals"]["bytes"], summary["compression_ratio"])
-    return summary
+                        s["payload_bytes"], s["bytes_quantized"], s["outputs_max_abs_diff"])
+    logging.info("quantized %s (%s, %s): acc %.4f -> %.4f (exported %.4f); %d -> %d bytes (%.1fx)", name,
+                 s["mode"], s["weight_quantizer"]["scheme"], s["accuracy_float"], s["accuracy_quantized"],
+                 s["accuracy_exported"], s["bytes_original_float32"], s["bytes_quantized"], s["compression_ratio"])

@@ -1,12 +1,15 @@
 """Bit-width policies: the `quant` collection from a uniform value or per-layer dict."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Mapping
 
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
+from jaxcompress.quant.quantizers import FLOAT_BITS
 
 BITS_W_RANGE = (1, 32)
 BITS_A_RANGE = (2, 32)
@@ -76,6 +79,24 @@ def layer_bits(table: ModelTable, default, overrides: Mapping | None, name: str)
     return out
 
 
+def resolve_bits(table: ModelTable, bits_w=8, bits_a=FLOAT_BITS, *, layer_bits_w: Mapping | None = None,
+                 layer_bits_a: Mapping | None = None, policy: str = "", model: str | None = None
+                 ) -> tuple[dict[str, int], dict[str, int]]:
+    """({layer path: bits_w}, {layer path: bits_a}) for every layer of `table`: the uniform
+    `bits_w` / `bits_a`, overridden by `layer_bits_w` / `layer_bits_a` ({layer path: bits}),
+    then by the policy file `policy` (if given; checked by `read_policy` against `table`
+    and `model`). ConfigError for unknown layers and unsupported widths.
+
+        bits_w, bits_a = resolve_bits(table, policy="bits_policy.json")   # layers it leaves out: 8 / float
+    """
+    overrides_w, overrides_a = dict(layer_bits_w or {}), dict(layer_bits_a or {})
+    if policy:
+        read = read_policy(policy, table, model)
+        overrides_w.update(read.get("bits_w", {}))
+        overrides_a.update(read.get("bits_a", {}))
+    return layer_bits(table, bits_w, overrides_w, "bits_w"), layer_bits(table, bits_a, overrides_a, "bits_a")
+
+
 def write_policy(path: str, bits_w: Mapping[str, int], bits_a: Mapping[str, int] | None = None, *,
                  model: str | None = None, widths=None, **info) -> dict:
     """Writes a policy file (JSON, format `jaxcompress.quant_policy/1`):
@@ -89,8 +110,6 @@ def write_policy(path: str, bits_w: Mapping[str, int], bits_a: Mapping[str, int]
 
     Layers a policy leaves out take the config's uniform `quant.bits_w` / `quant.bits_a`.
     """
-    import json
-    import os
     policy = {"format": POLICY_FORMAT, "bits_w": {k: int(v) for k, v in bits_w.items()}}
     if bits_a is not None:
         policy["bits_a"] = {k: int(v) for k, v in bits_a.items()}
@@ -108,8 +127,6 @@ def write_policy(path: str, bits_w: Mapping[str, int], bits_a: Mapping[str, int]
 def read_policy(path: str, table: ModelTable, model: str | None = None) -> dict:
     """Reads and checks a policy file against `table` (and the model name); returns the
     dict with `bits_w` / `bits_a` ({layer: bits}, possibly partial)."""
-    import json
-    import os
     if not os.path.isfile(path):
         raise ConfigError(f"quant.policy file {path} does not exist")
     try:

@@ -15,15 +15,31 @@ zero at one bit.
 
     apply_fn = make_quantized_apply(model, WeightQuantizer("kmeans"))
     state = state.replace(apply_fn=apply_fn)   # then `fit` trains it (QAT)
+
+A whole network, the way the `quantize` job, its benchmark and the RL search's stage 2
+do it: `quantize_state` (bits, k-means assignments, calibrated activation ranges: PTQ),
+then `train_qat` (QAT with a training `Recipe`):
+
+    qrecipe = QuantRecipe.from_config(config)           # or QuantRecipe(seed=...)
+    qstate, ranges = quantize_state(exp, state, bits_w, bits_a, qrecipe)
+    qstate, info = train_qat(exp, qstate, recipe, workdir, teacher=Teacher.of(state))
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Mapping
 
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
+from jaxcompress.data import normalize
+from jaxcompress.errors import ConfigError
+from jaxcompress.quant.calibrate import calibrate_ranges
+from jaxcompress.quant.policy import make_quant
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer, fake_quant_weight, kmeans_1d
+from jaxcompress.train import Experiment, Recipe, Teacher, TrainState, fit
 
 WEIGHT_KEYS = ("bits_w", "assign_w")
 
@@ -101,3 +117,90 @@ def add_kmeans_assignments(params: Mapping, masks: Mapping | None, quant: Mappin
         assign, _ = kmeans_1d(kernel, bits, weight_mask(flat_m, path, kernel.shape), iters=iters)
         flat_q[path + ("assign_w",)] = assign
     return traverse_util.unflatten_dict(flat_q)
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole network: PTQ (`quantize_state`), then QAT (`train_qat`)
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class QuantRecipe:
+    """How `quantize_state` quantizes a float network (besides its bits): the weight
+    quantizer, k-means iterations, and the activation-range calibration (`calibrate_ranges`
+    with method `calibration` on `calib_batches` random training batches of
+    `calib_batch_size` images, drawn with `seed`). The field names are `config.quant`'s."""
+
+    quantizer: WeightQuantizer = WeightQuantizer()
+    kmeans_iters: int = 20
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    calib_batches: int = 4
+    calib_batch_size: int = 256
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "QuantRecipe":
+        """`config.quant` (its scheme and granularity make the quantizer) and `config.seed`."""
+        q = config.quant
+        return cls(WeightQuantizer(q.scheme, q.granularity), int(q.kmeans_iters), q.calibration,
+                   float(q.percentile), int(q.calib_batches), int(q.calib_batch_size), int(config.seed))
+
+    def replace(self, **changes) -> "QuantRecipe":
+        return dataclasses.replace(self, **changes)
+
+
+def calibration_batches(exp: Experiment, num_batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """`num_batches` normalised batches of `batch_size` distinct random training images
+    of `exp` (fewer when the split is smaller)."""
+    n = len(exp.train[0])
+    if n == 0:
+        raise ConfigError("calibration data is empty: the training split has no examples")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(n, min(n, num_batches * batch_size), replace=False)
+    x = np.asarray(normalize(exp.train[0][idx], exp.mean, exp.std))
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_apply(model, quantizer: WeightQuantizer):
+    """One quantized apply per (model, quantizer), so that every network quantized from the
+    same model shares the jitted calibration, evaluation and training steps."""
+    return make_quantized_apply(model, quantizer)
+
+
+def quantize_state(exp: Experiment, state: TrainState, bits_w, bits_a, qrecipe: QuantRecipe = QuantRecipe()
+                   ) -> tuple[TrainState, dict]:
+    """Post-training quantization of the float network `state` of `exp.model`.
+
+    `bits_w` / `bits_a`: weight / input-activation bits, each one number or a {layer path:
+    bits} dict (`resolve_bits` makes both from uniform values and a policy file; 32 =
+    float). Builds the `quant` collection, adds k-means assignments (`qrecipe.quantizer`
+    k-means), calibrates the activation ranges on training batches and sets the quantized
+    apply. Returns `(quantized state, {layer: calibration record})`; train it with
+    `train_qat`.
+    """
+    quant = make_quant(exp.table, bits_w=bits_w, bits_a=bits_a)
+    if qrecipe.quantizer.scheme == "kmeans":
+        quant = add_kmeans_assignments(state.params, state.masks or None, quant, qrecipe.kmeans_iters)
+    apply_fn = _shared_apply(exp.model, qrecipe.quantizer)
+    batches = calibration_batches(exp, qrecipe.calib_batches, qrecipe.calib_batch_size, qrecipe.seed)
+    quant, ranges = calibrate_ranges(apply_fn, {**state.variables(), "quant": quant}, batches,
+                                     qrecipe.calibration, qrecipe.percentile, seed=qrecipe.seed)
+    return state.replace(quant=quant, apply_fn=apply_fn), ranges
+
+
+def train_qat(exp: Experiment, state: TrainState, recipe: Recipe, workdir: str, *, teacher: Teacher | None = None
+              ) -> tuple[TrainState, dict]:
+    """Quantization-aware training: `fit`s the quantized network `state` (from
+    `quantize_state`: its `quant` collection and quantized apply; weights and activations
+    fake-quantized, straight-through gradients) with the training `recipe` (a new
+    optimiser, from step 0) into `workdir` (resumed from `<workdir>/checkpoints`). With
+    `teacher` (e.g. `Teacher.of(float_state)`) and `recipe.distill_weight` > 0 it distils.
+    Returns `(trained state, {"best_val_accuracy", "train_time_s"})`: the last state,
+    still quantized (bits and ranges stay fixed; k-means trains the centroids).
+    """
+    if not state.quant:
+        raise ValueError("train_qat needs a quantized network: quantize the float one with quantize_state first")
+    if recipe.num_epochs <= 0:
+        raise ConfigError(f"QAT needs a positive number of epochs, got {recipe.num_epochs}")
+    return fit(state, exp, recipe, workdir, teacher=teacher)

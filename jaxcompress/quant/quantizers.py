@@ -23,55 +23,24 @@ Bit widths are traced values (vmap-able, no recompilation); the k-means codebook
 estimator is written `stop_gradient(q) + (w - stop_gradient(w))`: its value is q
 exactly and its gradient the identity (weights are never clipped: the ranges cover
 every weight).
+
+`WeightQuantizer` (the scheme and granularity, and the side-information bytes they
+store) and `FLOAT_BITS` live with the storage format in `jaxcompress.storage`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.storage import FLOAT_BITS, GRANULARITIES, SCHEMES, WeightQuantizer  # noqa: F401 (re-exported)
 
-SCHEMES = ("symmetric", "asymmetric", "kmeans")
-GRANULARITIES = ("channel", "tensor")
 KMEANS_SLOTS = 256
-FLOAT_BITS = 32
 WEIGHT_BITS = tuple(range(1, 9)) + (FLOAT_BITS,)
 ACTIVATION_BITS = tuple(range(2, 9)) + (FLOAT_BITS,)
 _TINY = 1e-12
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightQuantizer:
-    """How weights are quantized: `scheme` symmetric | asymmetric | kmeans and
-    `granularity` channel | tensor (k-means always has one codebook per layer)."""
-
-    scheme: str = "symmetric"
-    granularity: str = "channel"
-
-    def __post_init__(self):
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"unknown quant.scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"unknown quant.granularity '{self.granularity}'; choose one of "
-                              f"{', '.join(GRANULARITIES)}")
-
-    def scale_count(self, cout: int) -> int:
-        return int(cout) if self.granularity == "channel" else 1
-
-    def meta_bytes(self, cout: int, bits: int) -> int:
-        """Bytes of the side information of a layer quantized to `bits` < 32:
-        float32 scales (+ uint8 zero points) or a float32 codebook of 2^bits entries."""
-        if self.scheme == "kmeans":
-            return 4 * 2 ** int(bits)
-        per = 5 if self.scheme == "asymmetric" else 4
-        return per * self.scale_count(cout)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def ste(x: jax.Array, q: jax.Array) -> jax.Array:

@@ -37,6 +37,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxcompress.layers import BatchNorm, Conv, Dense
+from jaxcompress.train.steps import cross_entropy
 
 EVAL_MODES = ("stacked", "vmap")
 
@@ -91,6 +92,18 @@ def adaptive_bn(model):
     return apply
 
 
+def stack_actors(x, N: int, B: int, mask=None):
+    """(B | N*B, ...) -> (N*B, ...): the N actors' copies of `x` (broadcast when `x` is
+    not stacked yet), each multiplied by its row of `mask` (N, W), a channel mask, if given."""
+    rest = x.shape[1:]
+    stacked = x.reshape((N, B) + rest) if x.shape[0] == N * B else jnp.broadcast_to(x, (N, B) + rest)
+    if mask is not None:
+        repeat = rest[-1] // mask.shape[1]  # a Dense reading a flattened map: channel index fastest
+        m = jnp.tile(mask, (1, repeat)) if repeat > 1 else mask
+        stacked = stacked * m.reshape((N,) + (1,) * (len(rest) - 1) + (1, rest[-1])).astype(x.dtype)
+    return stacked.reshape((N * B,) + rest)
+
+
 def stacked_logits(model, table, variables, images, group_masks, defer: bool = True, bn_adapt: bool = False):
     """Logits (N, B, classes) of N masked networks sharing `variables`.
 
@@ -113,14 +126,7 @@ def stacked_logits(model, table, variables, images, group_masks, defer: bool = T
 
     def stack(x, g):
         """(B | N*B, ...) -> (N*B, ...), multiplied by group g's per-actor mask."""
-        rest = x.shape[1:]
-        stacked = x.reshape((N, B) + rest) if x.shape[0] == N * B else jnp.broadcast_to(x, (N, B) + rest)
-        if g is not None and g >= 0:
-            m = group_masks[g]
-            repeat = rest[-1] // m.shape[1]  # a Dense reading a flattened map: channel index fastest
-            m = jnp.tile(m, (1, repeat)) if repeat > 1 else m
-            stacked = stacked * m.reshape((N,) + (1,) * (len(rest) - 1) + (1, rest[-1])).astype(x.dtype)
-        return stacked.reshape((N * B,) + rest)
+        return stack_actors(x, N, B, group_masks[g] if g is not None and g >= 0 else None)
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
@@ -244,7 +250,6 @@ def _forward(model, bn_adapt: bool):
 def _finetuned_evaluator(candidate_masks, forward, chunk: int, lr: float):
     """`evaluate(values, data)`: each candidate's masks (`candidate_masks(values_n,
     variables)`) take `lr` SGD steps on the fixed training batches, then are scored."""
-    from jaxcompress.train.steps import cross_entropy
 
     def one(values, data):
         variables = data["variables"]

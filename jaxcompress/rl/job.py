@@ -12,8 +12,8 @@ Stage 2 (quantization, when `search.quant.episodes > 0`): the agent searches wei
 bits per layer of the pruned network under an average-bits budget
 (`search.quant.bits_budget`, HAQ back-off), the policy is written as a
 `jaxcompress.quant_policy/1` file (`bits_policy.json`) and quantization-aware
-training runs through the quant package's `quantize` job (packed export included)
-when it is available, else through `train.loop.fit` with the `quant` collection.
+training and the packed export run through the quant package's path (`quantize_state`,
+`train_qat`, `export_and_verify`), the one the `quantize` job uses.
 
 Writes into the workdir: `summary.json`, `pareto.json` and `pareto.png` (every
 evaluated candidate: FLOPs, parameters / weight bits, validation accuracy; the
@@ -34,23 +34,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcompress import cost
-from jaxcompress.bench.timing import forward_latencies
+from jaxcompress import cost, pipeline
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import check_latency_budget, latency_model
-from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.job import gradual_prune
-from jaxcompress.pruning.surgery import shrink, without_masks
+from jaxcompress.pruning.plan import PrunePlan
+from jaxcompress.pruning.surgery import without_masks
+from jaxcompress.quant import QuantRecipe, quantize_state, train_qat
+from jaxcompress.quant.job import export_and_verify, index_bits_from_config
+from jaxcompress.quant.policy import make_quant, write_policy
 from jaxcompress.rl import report
 from jaxcompress.rl.ddpg import DDPG, DDPGConfig
 from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv, check_bits_bounds, check_prune_bounds
 from jaxcompress.rl.evaluate import EVAL_MODES, make_element_evaluator, make_prune_evaluator, make_quant_evaluator
 from jaxcompress.rl.ppo import PPO, PPOConfig
 from jaxcompress.rl.search import COST_NORMS, REWARDS, channel_ranks, make_reward_fn, run_search
-from jaxcompress.train import create_train_state, make_optimizer, setup_experiment, with_teacher
-from jaxcompress.train.loop import fit, load_trained, make_eval_fn, reference_state, steps_per_epoch
+from jaxcompress.timing import forward_latencies
+from jaxcompress.train import Recipe, Teacher, setup_experiment
+from jaxcompress.train.loop import make_eval_fn
 from jaxcompress.train.metrics import write_json
 
 AGENTS = ("ppo", "ddpg")
@@ -78,7 +80,7 @@ def _fields(cls, cfg) -> dict:
     return given
 
 
-def check_search_config(s) -> None:
+def check_search_config(s, multiple: int | None) -> None:
     """Every check that needs no data: one-line ConfigError before any work."""
     if s.agent not in AGENTS:
         raise ConfigError(f"unknown search.agent '{s.agent}'; choose one of {', '.join(AGENTS)}")
@@ -86,7 +88,7 @@ def check_search_config(s) -> None:
         raise ConfigError(f"search.num_actors={s.num_actors} must be >= 1 (parallel actors per iteration)")
     if s.episodes < 1:
         raise ConfigError(f"search.episodes={s.episodes} must be >= 1")
-    check_prune_bounds(s.flops_budget, s.a_min, s.a_max, s.multiple)
+    check_prune_bounds(s.flops_budget, s.a_min, s.a_max, multiple)
     if s.latency_budget:
         check_latency_budget(s.latency_budget, "search.latency_budget")
     if not 0.0 <= s.params_budget <= 1.0:
@@ -150,219 +152,212 @@ def history_points(history: dict) -> list[dict]:
     return [dict({k: history[k][i] for k in keys}, values=history["values"][i]) for i in range(len(history["reward"]))]
 
 
-def make_env(s, table):
+def make_env(s, table, multiple: int | None):
     """The stage-1 environment of `search.granularity` (infeasible budgets fail here)."""
     if s.granularity == "element":
         return ElementEnv(table, s.flops_budget, s.a_min, s.a_max, s.params_budget or None)
-    return PruneEnv(table, s.flops_budget, s.a_min, s.a_max, C.prunable_groups(table, s.scope), s.multiple,
+    return PruneEnv(table, s.flops_budget, s.a_min, s.a_max, C.prunable_groups(table, s.scope), multiple,
                     s.params_budget or None)
 
 
-def policy_prune_config(config, exp, env, values):
-    """`config` with `prune` set to apply the searched policy: kept channel counts per
-    group selected by `search.scheme` (channel granularity), or the searched element
-    rates per layer pruned by magnitude in `search.element_iterations` gradual steps
-    with `search.element_iteration_epochs` of masked fine-tuning between (element)."""
-    s = config.search
-    cfg = config.copy_and_resolve_references()
-    p = cfg.prune
-    p.flops_budget, p.latency_budget, p.element_rate, p.keep_ratio = 0.0, 0.0, 0.0, 1.0
-    p.multiple, p.scope, p.allocation = 1, s.scope, "uniform"
-    p.finetune_learning_rate = s.finetune_learning_rate
+def policy_plan(s, table, env, values, seed: int, batch_size: int) -> tuple[PrunePlan, int]:
+    """(`PrunePlan`, gradual steps) applying the searched policy `values`: kept channel
+    counts per group selected by `search.scheme` (channel granularity, one step), or the
+    searched element rates per layer pruned by magnitude in `search.element_iterations`
+    gradual steps (element granularity)."""
+    settings = dict(seed=seed, batch_size=batch_size, learning_rate=s.finetune_learning_rate)
     if isinstance(env, ElementEnv):
-        p.criterion, p.keep_ratios, p.element_rates = "l1", {}, env.rates(values)
-        p.iterations, p.iteration_epochs = s.element_iterations, s.element_iteration_epochs
-    else:
-        names = exp.table.group_names
-        p.criterion, p.element_rates, p.iterations = s.scheme, {}, 1
-        p.keep_ratios = {names[g]: float(values[g]) / exp.table.widths[g] for g in env.groups}
-    return cfg
+        return PrunePlan.for_element_rates(env.rates(values), **settings), s.element_iterations
+    counts = {g: int(values[g]) for g in env.groups}
+    return PrunePlan.for_counts(table, counts, s.scheme, **settings), 1
 
 
-def _finetune(config, exp, model, variables, workdir, epochs, lr):
-    ft = config.copy_and_resolve_references()
-    ft.train.num_epochs = max(1, epochs)
-    ft.train.learning_rate = lr
-    tx = make_optimizer(ft.train, steps_per_epoch(ft, exp))
-    state = create_train_state(model, tx, exp.input_shape, config.seed, variables=variables)
-    if epochs > 0:
-        state, _ = fit(ft, exp, state, workdir)
-    return state
+# ------------------------------------------------------------------------------------ stages
 
-
-def _quantize_with_package(config, workdir: str, policy_path: str) -> dict | None:
-    """QAT + packed export through `jaxcompress.quant.job.quantize`, if that job exists."""
-    try:
-        from jaxcompress.quant.job import quantize
-    except ImportError:
-        return None
-    q = config.search.quant
-    qcfg = config.copy_and_resolve_references()
-    if "quant" not in qcfg:
-        return None
-    qcfg.job = "quantize"
-    settings = dict(mode="qat", pruned_checkpoint=workdir, prune_first=False, policy=policy_path,
-                    bits_w=8, bits_a=int(q.bits_a) if q.bits_a else 32, qat_epochs=q.qat_epochs,
-                    qat_learning_rate=q.qat_learning_rate, budget_bytes=0, budget_ratio=0.0,
-                    budget_uniform_bits=0, budget_bitops=0.0, layer_bits_w={}, layer_bits_a={})
-    for k, v in settings.items():
-        if k in qcfg.quant:
-            qcfg.quant[k] = v
-    return quantize(qcfg, os.path.join(workdir, "quantize"))
-
-
-def _write_policy(path, table, bits, bits_a, model_name, info) -> None:
-    """A `jaxcompress.quant_policy/1` file. The pruned widths go under `pruned_widths`
-    (an info key): the quantize job checks a `widths` key against the *dense* network
-    before it loads the pruned one."""
-    bits_w = {layer.path: int(b) for layer, b in zip(table.layers, bits)}
-    bits_a_map = {layer.path: int(bits_a) for layer in table.layers} if bits_a else None
-    info = dict(info, pruned_widths=[int(w) for w in table.widths])
-    try:
-        from jaxcompress.quant.policy import write_policy
-    except ImportError:
-        write_json(path, dict(format="jaxcompress.quant_policy/1", bits_w=bits_w, model=model_name,
-                              **({"bits_a": bits_a_map} if bits_a_map else {}), **info))
-        return
-    write_policy(path, bits_w, bits_a_map, model=model_name, **info)
-
-
-# ------------------------------------------------------------------------------------ the job
-
-def search(config, workdir: str) -> dict:
-    wall_start = time.time()
-    s = config.search
-    check_search_config(s)
-    exp = setup_experiment(config)
-    table = exp.table
-    env = make_env(s, table)  # an infeasible budget fails here, before any training or evaluation
-    if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
-        env.add_latency_budget(latency_model(table, config.prune.latency_batch, list(env.groups),
-                                             env.min_widths.astype(int)), s.latency_budget)
-    state = reference_state(config, exp, s.checkpoint, workdir, "search.checkpoint")
-    exp = with_teacher(exp, state)  # fine-tunes distil from the reference when train.distill_weight > 0
-    evaluate = make_eval_fn(exp, config.train.eval_batch_size)
-    dense_test, dense_val = evaluate(state, exp.test), evaluate(state, exp.val)
-    variables = state.variables()
-    dense_cost = cost.summarize(table)["totals"]
-
-    # ---- stage 1: pruning-rate search
-    data = eval_data(exp, variables, s.eval_size, config.seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
+def search_pruning(s, env, exp, variables, seed: int, workdir: str):
+    """Stage 1: the agent searches pruning rates; every candidate is scored in-graph on
+    a fixed validation sample. Returns the `run_search` result (best policy, history)."""
+    data = eval_data(exp, variables, s.eval_size, seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
     agent = make_agent(s.agent, s, env.num_steps)
     if isinstance(env, ElementEnv):
         evaluator = make_element_evaluator(env, exp.model, variables, s.eval_chunk or 1, s.bn_adapt,
                                            s.candidate_finetune_steps, s.candidate_finetune_lr)
     else:
-        ranks = channel_ranks(C.channel_scores(table, variables, s.rank_criterion))
+        ranks = channel_ranks(C.channel_scores(exp.table, variables, s.rank_criterion))
         evaluator = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode,
                                          s.candidate_finetune_steps, s.candidate_finetune_lr, s.bn_adapt)
-    res1 = run_search(env, agent, evaluator,
-                      make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm), data, num_actors=s.num_actors,
-                      episodes=s.episodes, seed=config.seed, checkpoint_dir=os.path.join(workdir, "stage1"),
-                      checkpoint_every=s.checkpoint_every, log_every=s.log_every, name="stage 1 (pruning)")
-    best1 = res1.best
-    h1 = res1.history
+    return run_search(env, agent, evaluator, make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm), data,
+                      num_actors=s.num_actors, episodes=s.episodes, seed=seed,
+                      checkpoint_dir=os.path.join(workdir, "stage1"), checkpoint_every=s.checkpoint_every,
+                      log_every=s.log_every, name="stage 1 (pruning)")
 
-    # ---- apply the best policy, shrink, fine-tune
-    state = gradual_prune(policy_prune_config(config, exp, env, np.asarray(best1["values"])), exp, state,
-                          os.path.join(workdir, "apply"))
-    masks = state.masks
-    masked_test = evaluate(state, exp.test)
-    pruned_cost = cost.summarize(table, masks)["totals"]
-    widths = cost.effective_widths(table, masks)
-    small_model, small_vars = shrink(table, state.variables())
-    small_exp = dataclasses.replace(exp, model=small_model, table=describe(small_model, exp.input_shape))
-    ft_dir = os.path.join(workdir, "finetune")
-    small_state = _finetune(config, small_exp, small_model, small_vars, ft_dir, s.finetune_epochs,
-                            s.finetune_learning_rate)
-    if s.finetune_epochs > 0 and os.path.isdir(os.path.join(ft_dir, "best")):
-        small_state = load_trained(config, small_exp, ft_dir, small_state.variables())  # the best, as stage 2 reads it
-    small_eval = make_eval_fn(small_exp, config.train.eval_batch_size)
+
+def apply_policy(exp, state, plan: PrunePlan, iterations: int, step_recipe: Recipe, recipe: Recipe, workdir: str,
+                 teacher: Teacher | None):
+    """The searched policy applied (`gradual_prune`, `step_recipe` between steps), shrunk
+    and fine-tuned with `recipe` (its best validation checkpoint, as stage 2 reads it).
+    Returns (masked state, small_exp, small_state)."""
+    masked = pipeline.gradual_prune(exp, state, plan, step_recipe, os.path.join(workdir, "apply"),
+                                    iterations=iterations, teacher=teacher)
+    small_exp, small_state = pipeline.shrink_and_finetune(exp, masked.variables(), recipe,
+                                                          os.path.join(workdir, "finetune"), teacher=teacher,
+                                                          best=True)
+    return masked, small_exp, small_state
+
+
+# ------------------------------------------------------------------------------------ the job
+
+def search(config, workdir: str) -> dict:
+    """The `search` job: reference -> stage 1 (pruning rates) -> apply, shrink,
+    fine-tune -> stage 2 (bits) -> QAT + export -> reports."""
+    wall_start = time.time()
+    s, hw = config.search, config.hardware
+    check_search_config(s, hw.multiple)
+    exp = setup_experiment(config)
+    table = exp.table
+    env = make_env(s, table, hw.multiple)  # an infeasible budget fails here, before any training or evaluation
+    if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
+        env.add_latency_budget(latency_model(table, hw.latency_batch, list(env.groups),
+                                             env.min_widths.astype(int)), s.latency_budget)
+    state = pipeline.reference(config, exp, s.checkpoint, workdir, "search.checkpoint")
+    teacher = Teacher.of(state)  # fine-tunes distil from the reference when train.distill_weight > 0
+    evaluate = make_eval_fn(exp, config.train.eval_batch_size)
+    dense = dict(test=evaluate(state, exp.test), val=evaluate(state, exp.val))
+    res1 = search_pruning(s, env, exp, state.variables(), config.seed, workdir)
+
+    values = np.asarray(res1.best["values"])
+    plan, iterations = policy_plan(s, table, env, values, config.seed, config.train.batch_size)
+    recipe = Recipe.from_config(config).replace(learning_rate=s.finetune_learning_rate)
+    masked, small_exp, small_state = apply_policy(exp, state, plan, iterations,
+                                                  recipe.replace(num_epochs=s.element_iteration_epochs),
+                                                  recipe.replace(num_epochs=s.finetune_epochs), workdir, teacher)
+    latency = forward_latencies({"dense": (exp.model, without_masks(state.variables())),
+                                 "shrunk": (small_exp.model, without_masks(small_state.variables()))},
+                                exp.input_shape, hw.latency_batch)
+    stage1 = stage1_summary(s, env, exp, masked, small_exp, small_state, res1, dense, latency, hw.latency_batch,
+                            config.train.eval_batch_size)
+
+    stage2, res2, qenv = None, None, None
+    if s.quant.episodes > 0:
+        stage2, res2, qenv = search_bits(config, small_exp, small_state, workdir)
+    write_reports(workdir, config.model.name, s, env, table, small_exp, stage1, res1, res2, qenv)
+    dense_cost = cost.summarize(table)["totals"]
+    summary = dict(
+        job=config.job, model=config.model.name, dataset=config.data.name, agent=s.agent,
+        accuracy_dense=dense["test"]["accuracy"], val_accuracy_dense=dense["val"]["accuracy"],
+        params_dense=dense_cost["params"], flops_dense=dense_cost["flops"], bytes_dense=dense_cost["bytes"],
+        params_pruned=stage1.pop("params_pruned"), flops_pruned=stage1.pop("flops_pruned"),
+        params_removed=1.0 - stage1["params_ratio"], flops_left=stage1["flops_ratio"],
+        error_increase_pruned=dense["test"]["accuracy"] - stage1["accuracy_pruned"],
+        stage1=stage1, stage2=stage2, wall_time_s=time.time() - wall_start,
+        device_kind=jax.devices()[0].device_kind)
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def stage1_summary(s, env, exp, masked, small_exp, small_state, res1, dense: dict, latency: dict,
+                   latency_batch: int, eval_batch_size: int) -> dict:
+    """Stage 1's part of summary.json: the best policy, its costs and accuracies."""
+    table, best, h1 = exp.table, res1.best, res1.history
+    dense_cost = cost.summarize(table)["totals"]
+    pruned_cost = cost.summarize(table, masked.masks)["totals"]
+    widths = cost.effective_widths(table, masked.masks)
+    masked_test = make_eval_fn(exp, eval_batch_size)(masked, exp.test)
+    small_eval = make_eval_fn(small_exp, eval_batch_size)
     pruned_test, pruned_val = small_eval(small_state, small_exp.test), small_eval(small_state, small_exp.val)
     # FLOPs and parameters a sparse kernel costs (equal to the structural counts without element masks)
     flops_ratio = 2 * pruned_cost["sparse_macs"] / dense_cost["flops"]
     params_ratio = pruned_cost["nonzero_params"] / dense_cost["params"]
     logging.info("stage 1: widths %s, FLOPs %.1f%%, params removed %.1f%%, test acc %.4f -> %.4f (masked %.4f)",
-                 widths.astype(int).tolist(), 100 * flops_ratio, 100 * (1 - params_ratio), dense_test["accuracy"],
-                 pruned_test["accuracy"], masked_test["accuracy"])
-
-    latency = forward_latencies({"dense": (exp.model, without_masks(variables)),
-                                 "shrunk": (small_model, without_masks(small_state.variables()))},
-                                exp.input_shape, config.prune.latency_batch)
+                 widths.astype(int).tolist(), 100 * flops_ratio, 100 * (1 - params_ratio),
+                 dense["test"]["accuracy"], pruned_test["accuracy"], masked_test["accuracy"])
     names = table.group_names
-    rates = {names[g]: 1.0 - float(widths[g]) / table.widths[g] for g in range(table.num_groups)}
-    element_rates = env.rates(best1["values"]) if isinstance(env, ElementEnv) else None
-    stage1 = dict(
-        agent=s.agent, granularity=s.granularity, element_rates=element_rates,
+    return dict(
+        agent=s.agent, granularity=s.granularity,
+        element_rates=env.rates(best["values"]) if isinstance(env, ElementEnv) else None,
         episodes=len(h1["reward"]), num_actors=s.num_actors, flops_budget=s.flops_budget,
         params_budget=s.params_budget or None, latency_budget=s.latency_budget or None,
         latency_predicted_ratio=(float(env.latency(widths) / env.latency_dense)
                                  if getattr(env, "latency", None) is not None else None),
-        latency_s=latency, latency_batch=config.prune.latency_batch,
+        latency_s=latency, latency_batch=latency_batch,
         speedup=latency["dense"] / latency["shrunk"] if latency else None,
-        reward=s.reward, scheme=s.scheme, best_reward=best1["reward"], best_val_accuracy_search=best1["accuracy"],
-        widths=widths.astype(int).tolist(), rates=rates, flops_ratio=flops_ratio, params_ratio=params_ratio,
-        accuracy_masked=masked_test["accuracy"],
+        reward=s.reward, scheme=s.scheme, best_reward=best["reward"], best_val_accuracy_search=best["accuracy"],
+        widths=widths.astype(int).tolist(),
+        rates={names[g]: 1.0 - float(widths[g]) / table.widths[g] for g in range(table.num_groups)},
+        flops_ratio=flops_ratio, params_ratio=params_ratio, accuracy_masked=masked_test["accuracy"],
         accuracy_pruned=pruned_test["accuracy"], val_accuracy_pruned=pruned_val["accuracy"],
+        params_pruned=pruned_cost["nonzero_params"], flops_pruned=2 * pruned_cost["sparse_macs"],
         search_time_s=res1.wall_time_s, compile_time_s=res1.compile_time_s,
         episodes_per_s=len(h1["reward"]) / max(res1.wall_time_s - res1.compile_time_s, 1e-9))
 
-    # ---- stage 2: bits search on the pruned network, QAT
-    stage2, h2, bits = None, None, None
-    q = s.quant
-    if q.episodes > 0:
-        qtable = small_exp.table
-        # the bits budget averages over the weights stored: the nonzero ones of an element-pruned network
-        stored = [row["nonzero_weights"] for row in cost.summarize(qtable, small_state.masks)["layers"]]
-        qenv = QuantEnv(qtable, q.bits_budget, q.b_min, q.b_max, stored)
-        qagent = make_agent(q.agent or s.agent, s, qenv.num_steps)
-        data2 = eval_data(small_exp, small_state.variables(), s.eval_size, config.seed)
-        chunk = q.eval_chunk if q.eval_chunk else (1 if jax.default_backend() == "cpu" else 0)
-        res2 = run_search(qenv, qagent, make_quant_evaluator(qenv, small_model, q.bits_a or None, chunk),
-                          make_reward_fn("acc"), data2, num_actors=s.num_actors, episodes=q.episodes,
-                          seed=config.seed + 1, checkpoint_dir=os.path.join(workdir, "stage2"),
-                          checkpoint_every=s.checkpoint_every, log_every=s.log_every, name="stage 2 (bits)")
-        h2 = res2.history
-        best2 = res2.best
-        bits = np.asarray(best2["values"]).astype(int)
-        policy_path = os.path.join(workdir, "bits_policy.json")
-        _write_policy(policy_path, qtable, bits, q.bits_a, config.model.name,
-                      dict(search_reward=best2["reward"], search_val_accuracy=best2["accuracy"]))
-        qsummary = None
-        if s.finetune_epochs > 0 and q.qat_epochs > 0:
-            qsummary = _quantize_with_package(config, workdir, policy_path)
-        if qsummary is not None:
-            qat_acc = qsummary.get("accuracy_exported", qsummary.get("accuracy_qat"))
-            qbytes = qsummary.get("bytes_quantized")
-        else:
-            from jaxcompress.quant import make_quant
-            quant = make_quant(qtable, bits_w={l.path: int(b) for l, b in zip(qtable.layers, bits)},
-                               bits_a=q.bits_a or None)
-            qstate = small_state.replace(quant=quant)
-            if q.qat_epochs > 0:
-                qstate = _finetune(config, small_exp, small_model, qstate.variables(), os.path.join(workdir, "qat"),
-                                   q.qat_epochs, q.qat_learning_rate)
-            qat_acc = small_eval(qstate, small_exp.test)["accuracy"]
-            qbytes = cost.summarize(qtable, None, quant)["totals"]["bytes"]
-        stage2 = dict(agent=q.agent or s.agent, episodes=len(h2["reward"]), bits_budget=q.bits_budget,
-                      bits={l.path: int(b) for l, b in zip(qtable.layers, bits)},
-                      avg_bits=float(best2["cost"]) / float(qenv.weights.sum()), best_reward=best2["reward"],
-                      best_val_accuracy_search=best2["accuracy"], accuracy_qat=qat_acc, bytes=qbytes,
-                      bytes_dense_float32=dense_cost["bytes"],
-                      compression=dense_cost["bytes"] / qbytes if qbytes else None,
-                      quant_job=qsummary is not None,
-                      quant_job_summary=None if qsummary is None else {
-                          k: qsummary.get(k) for k in ("accuracy_float", "accuracy_ptq", "accuracy_qat",
-                                                       "accuracy_exported", "bytes_quantized", "file_bytes",
-                                                       "compression_ratio", "outputs_match")},
-                      search_time_s=res2.wall_time_s,
-                      compile_time_s=res2.compile_time_s)
 
-    # ---- reports
-    points1 = history_points(h1)
+def search_bits(config, small_exp, small_state, workdir: str):
+    """Stage 2: weight bits per layer of the pruned network under the average-bits
+    budget, the policy written to `bits_policy.json`, then QAT and packed export
+    (`quant.job.quantize_network`). Returns (stage-2 summary, search result, env)."""
+    s, q = config.search, config.search.quant
+    qtable = small_exp.table
+    # the bits budget averages over the weights stored: the nonzero ones of an element-pruned network
+    stored = [row["nonzero_weights"] for row in cost.summarize(qtable, small_state.masks)["layers"]]
+    qenv = QuantEnv(qtable, q.bits_budget, q.b_min, q.b_max, stored)
+    qagent = make_agent(q.agent or s.agent, s, qenv.num_steps)
+    data = eval_data(small_exp, small_state.variables(), s.eval_size, config.seed)
+    chunk = q.eval_chunk if q.eval_chunk else (1 if jax.default_backend() == "cpu" else 0)
+    res2 = run_search(qenv, qagent, make_quant_evaluator(qenv, small_exp.model, q.bits_a or None, chunk),
+                      make_reward_fn("acc"), data, num_actors=s.num_actors, episodes=q.episodes,
+                      seed=config.seed + 1, checkpoint_dir=os.path.join(workdir, "stage2"),
+                      checkpoint_every=s.checkpoint_every, log_every=s.log_every, name="stage 2 (bits)")
+    best = res2.best
+    bits = {layer.path: int(b) for layer, b in zip(qtable.layers, np.asarray(best["values"]).astype(int))}
+    write_policy(os.path.join(workdir, "bits_policy.json"), bits,
+                 {layer.path: int(q.bits_a) for layer in qtable.layers} if q.bits_a else None,
+                 model=config.model.name, search_reward=best["reward"], search_val_accuracy=best["accuracy"],
+                 pruned_widths=[int(w) for w in qtable.widths])
+    bits_a = int(q.bits_a) if q.bits_a else None
+    qat = None
+    if s.finetune_epochs > 0 and q.qat_epochs > 0:
+        qat = qat_and_export(config, small_exp, small_state, bits, bits_a, os.path.join(workdir, "quantize"))
+    qbytes = qat["bytes_quantized"] if qat else cost.summarize(
+        qtable, None, make_quant(qtable, bits_w=bits, bits_a=bits_a))["totals"]["bytes"]
+    stage2 = dict(agent=q.agent or s.agent, episodes=len(res2.history["reward"]), bits_budget=q.bits_budget,
+                  bits=bits, avg_bits=float(best["cost"]) / float(qenv.weights.sum()), best_reward=best["reward"],
+                  best_val_accuracy_search=best["accuracy"],
+                  accuracy_qat=qat["accuracy_exported"] if qat else None, bytes=qbytes, qat=qat,
+                  search_time_s=res2.wall_time_s, compile_time_s=res2.compile_time_s)
+    return stage2, res2, qenv
+
+
+def qat_and_export(config, exp, state, bits_w: dict, bits_a: int | None, workdir: str) -> dict:
+    """Stage 2's QAT of the pruned network at the searched bits, through the quant
+    package's own path (`quantize_state`, `train_qat`, `export_and_verify`; quantizer,
+    calibration and index bits as `config.quant` sets them for the quantize job), distilled
+    from the pruned float network when train.distill_weight > 0. Returns the figures."""
+    q = config.search.quant
+    qrecipe = QuantRecipe.from_config(config)
+    evaluate = make_eval_fn(exp, config.train.eval_batch_size)
+    qstate, _ = quantize_state(exp, state, bits_w, bits_a, qrecipe)
+    accuracy_ptq = evaluate(qstate, exp.test)["accuracy"]
+    recipe = Recipe.from_config(config).replace(num_epochs=q.qat_epochs, learning_rate=q.qat_learning_rate)
+    qstate, _ = train_qat(exp, qstate, recipe, os.path.join(workdir, "qat"), teacher=Teacher.of(state))
+    accuracy_qat = evaluate(qstate, exp.test)["accuracy"]
+    out = export_and_verify(os.path.join(workdir, "model.npz"), exp, qstate, evaluate, model_name=config.model.name,
+                            quantizer=qrecipe.quantizer, index_bits=index_bits_from_config(config.quant),
+                            verify_batch=config.quant.verify_batch, seed=config.seed)
+    return dict(accuracy_ptq=accuracy_ptq, accuracy_qat=accuracy_qat, accuracy_exported=out["accuracy"],
+                bytes_quantized=float(out["accounting"]["totals"]["bytes"]), file_bytes=out["exported"]["file_bytes"],
+                outputs_match=bool(out["outputs_match"]),
+                payload_equals_accounting=bool(out["payload_equals_accounting"]))
+
+
+def write_reports(workdir: str, model_name: str, s, env, table, small_exp, stage1: dict, res1, res2, qenv) -> None:
+    """pareto.json / pareto.png (every candidate, the fronts, the best per budget),
+    rewards.png and policy.png (per-layer rates and bits, the paper's Figure 4)."""
+    params_dense = cost.summarize(table)["totals"]["params"]
+    points1 = history_points(res1.history)
     acc1 = [p["accuracy"] for p in points1]
     front_flops = report.pareto_front([p["cost"] for p in points1], acc1)
     front_params = report.pareto_front([p["params"] for p in points1], acc1)
+    names = table.group_names
     pareto = dict(stage1=dict(points=points1, front_flops=[points1[i] for i in front_flops],
                               front_params=[points1[i] for i in front_params],
                               best_per_budget=report.best_per_budget([p["cost_ratio"] for p in points1], acc1,
@@ -372,36 +367,25 @@ def search(config, workdir: str) -> dict:
                else "val accuracy (no fine-tune)")
     panels = [dict(x=[p["cost_ratio"] for p in points1], y=acc1, front=front_flops, xlabel="FLOPs / dense",
                    ylabel=ylabel1, title="stage 1: FLOPs"),
-              dict(x=[p["params"] / dense_cost["params"] for p in points1], y=acc1, front=front_params,
+              dict(x=[p["params"] / params_dense for p in points1], y=acc1, front=front_params,
                    xlabel="params / dense", ylabel=ylabel1, title="stage 1: parameters")]
-    curves = {"stage 1 (pruning)": h1["reward"]}
-    if h2 is not None:
-        points2 = history_points(h2)
+    curves = {"stage 1 (pruning)": res1.history["reward"]}
+    bits = None
+    if res2 is not None:
+        points2 = history_points(res2.history)
         acc2 = [p["accuracy"] for p in points2]
         front_size = report.pareto_front([p["cost"] for p in points2], acc2)
         pareto["stage2"] = dict(points=points2, front_size=[points2[i] for i in front_size],
                                 layers=[l.path for l in small_exp.table.layers])
         panels.append(dict(x=[p["cost"] / float(qenv.weights.sum()) for p in points2], y=acc2, front=front_size,
                            xlabel="average weight bits", ylabel="val accuracy (no QAT)", title="stage 2: bits"))
-        curves["stage 2 (bits)"] = h2["reward"]
+        curves["stage 2 (bits)"] = res2.history["reward"]
+        bits = np.asarray(res2.best["values"]).astype(int).tolist()
     write_json(os.path.join(workdir, "pareto.json"), pareto)
     report.plot_pareto(os.path.join(workdir, "pareto.png"), panels)
-    report.plot_reward_curves(os.path.join(workdir, "rewards.png"), curves,
-                              f"{config.model.name}: search rewards ({s.agent})")
+    report.plot_reward_curves(os.path.join(workdir, "rewards.png"), curves, f"{model_name}: search rewards ({s.agent})")
+    element_rates, rates = stage1["element_rates"], stage1["rates"]
     layer_rates = ([element_rates[l.path] for l in table.layers] if element_rates else
                    [rates[names[l.out_group]] if l.out_group >= 0 else 0.0 for l in table.layers])
-    report.plot_policy(os.path.join(workdir, "policy.png"), [l.path for l in table.layers], layer_rates,
-                       None if bits is None else bits.tolist(),
-                       f"{config.model.name}: searched pruning rates and bits")
-
-    summary = dict(
-        job=config.job, model=config.model.name, dataset=config.data.name, agent=s.agent,
-        accuracy_dense=dense_test["accuracy"], val_accuracy_dense=dense_val["accuracy"],
-        params_dense=dense_cost["params"], flops_dense=dense_cost["flops"], bytes_dense=dense_cost["bytes"],
-        params_pruned=pruned_cost["nonzero_params"], flops_pruned=2 * pruned_cost["sparse_macs"],
-        params_removed=1.0 - params_ratio, flops_left=flops_ratio,
-        error_increase_pruned=dense_test["accuracy"] - pruned_test["accuracy"],
-        stage1=stage1, stage2=stage2, wall_time_s=time.time() - wall_start,
-        device_kind=jax.devices()[0].device_kind)
-    write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    report.plot_policy(os.path.join(workdir, "policy.png"), [l.path for l in table.layers], layer_rates, bits,
+                       f"{model_name}: searched pruning rates and bits")

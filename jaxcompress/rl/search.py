@@ -227,25 +227,51 @@ class _Checkpoints:
         self.manager.close()
 
 
-_COMPILED: dict = {}
+# ------------------------------------------------------------------------------------ compile cache
+
+@dataclasses.dataclass(frozen=True)
+class IterationSpec:
+    """The static configuration of one search iteration: what `make_iteration` closes
+    over. Hashable: its parts compare as the objects they are (environments, agents and
+    functions by identity; a bound method by its object and function), and the spec
+    holds them, so a cache key can never name a collected object's successor."""
+
+    env: Any
+    agent: Any
+    evaluate: Callable
+    reward_fn: Callable
+    num_actors: int
+
+    def iteration(self) -> Callable:
+        return make_iteration(self.env, self.agent, self.evaluate, self.reward_fn, self.num_actors)
 
 
-def _compiled_iteration(env, agent, evaluate, reward_fn, num_actors, state, data):
-    """The jitted, compiled iteration, memoised per (env, agent, evaluate, reward, N,
-    argument shapes) so that resuming or repeating a search in one process compiles once."""
-    shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), (state, data))
-    fid = lambda f: (id(f.__self__), id(f.__func__)) if hasattr(f, "__func__") else id(f)  # bound methods
-    key = (id(env), id(agent), fid(evaluate), fid(reward_fn), num_actors, str(shapes))
-    hit = _COMPILED.get(key)
-    if hit is not None:
-        return hit[0], 0.0
+def abstract_arguments(*args) -> tuple:
+    """Hashable signature of `args`: (tree structure, the leaves' shapes and dtypes)."""
+    leaves, treedef = jax.tree.flatten(jax.eval_shape(lambda a: a, args))
+    return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=8)
+def compile_iteration(spec: IterationSpec, arguments: tuple):
+    """`spec`'s iteration, jitted (the state donated) and compiled for `arguments`
+    (`abstract_arguments(state, data)`). Memoised on both, so that resuming or
+    repeating a search in one process with the same objects compiles once."""
+    treedef, leaves = arguments
+    step_fn = jax.jit(spec.iteration(), donate_argnums=0)
+    return step_fn.lower(*jax.tree.unflatten(treedef, leaves)).compile()
+
+
+def _compiled_iteration(spec: IterationSpec, state, data):
+    """(compiled iteration, seconds it took); compiled uncached if `spec` is unhashable
+    (an agent or environment defining equality without a hash)."""
     start = time.time()
-    step_fn = jax.jit(make_iteration(env, agent, evaluate, reward_fn, num_actors), donate_argnums=0)
-    compiled = step_fn.lower(state, data).compile()
-    if len(_COMPILED) >= 8:
-        _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = (compiled, (env, agent, evaluate, reward_fn))  # keep the objects: ids stay unique
-    return compiled, time.time() - start
+    arguments = abstract_arguments(state, data)
+    try:
+        hash(spec)
+    except TypeError:
+        return compile_iteration.__wrapped__(spec, arguments), time.time() - start
+    return compile_iteration(spec, arguments), time.time() - start
 
 
 def _to_lists(tree) -> dict:
@@ -274,7 +300,8 @@ def run_search(env, agent, evaluate: Callable, reward_fn: Callable, data, *, num
         logging.info("%s: resumed at episode %d from %s", name, int(state.episode), checkpoint_dir)
     state = jax.tree.map(jnp.array, state)  # fresh buffers: targets start as copies, and the step donates
     start = time.time()
-    compiled, compile_time = _compiled_iteration(env, agent, evaluate, reward_fn, num_actors, state, data)
+    compiled, compile_time = _compiled_iteration(IterationSpec(env, agent, evaluate, reward_fn, num_actors),
+                                                 state, data)
     done = int(state.episode) // num_actors
     for it in range(done, iterations):
         state, records, metrics, finite = compiled(state, data)

@@ -3,9 +3,8 @@
 STAMP (Song et al., arXiv:2006.12139): one forward pass of the meta-trained set
 encoder and mask generator on a sample of the target training data gives the
 keep probabilities E[pi]; they are turned into a hard structural mask
-(`hard_group_masks`), the pretrained network is shrunk physically
-(`jaxcompress.pruning.shrink`) and only the small network is fine-tuned
-(`jaxcompress.train.loop.fit`).
+(`hard_group_masks`), the pretrained network is shrunk physically and only the
+small network is fine-tuned (`deploy`: `jaxcompress.pipeline.shrink_and_finetune`).
 
 Baselines (same target data, same fine-tune epochs, same final size):
 SNIP at initialisation and from the pretrained weights (Lee et al. 2019), random
@@ -17,7 +16,6 @@ pretrained network fine-tuned (accuracy / time reference).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -26,18 +24,19 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxcompress import pipeline
 from jaxcompress.data import BatchIterator, augment_cifar, normalize
 from jaxcompress.errors import ConfigError
-from jaxcompress.models import describe
 from jaxcompress.pruning import criteria as C
-from jaxcompress.pruning.surgery import shrink
 from jaxcompress.stamp import kumaraswamy as K
 from jaxcompress.stamp.generator import FreeGates, GroupLayout, SparsityObjective, hard_group_masks
-from jaxcompress.train.loop import fit, make_eval_fn
+from jaxcompress.train.experiment import Experiment
 from jaxcompress.train.metrics import read_metrics
-from jaxcompress.train.optim import make_optimizer
-from jaxcompress.train.state import create_train_state
+from jaxcompress.train.recipe import Recipe
+from jaxcompress.train.state import TrainState
 from jaxcompress.train.steps import cross_entropy
+
+NET_COLLECTIONS = ("params", "batch_stats", "masks")  # what a deployed network carries (no quant)
 
 
 def sample_set(x, y, size: int, seed: int):
@@ -74,37 +73,32 @@ def criterion_masks(layout: GroupLayout, variables, criterion: str, counts, *, b
     return table.layer_masks(C.masks_from_scores(scores, counts), variables.get("masks"))
 
 
-def finetune(config, exp, model, variables, workdir: str, *, epochs: int, learning_rate: float, seed: int):
-    """Trains (model, variables) on `exp.train` with `fit`; variables=None: from scratch.
-
-    Returns (test metrics, val metrics, state). The training cost is in the caller's timer.
-    """
-    small_exp = dataclasses.replace(exp, model=model, table=describe(model, exp.input_shape))
-    ft = config.copy_and_resolve_references()
-    ft.train.num_epochs = max(1, epochs)
-    ft.train.learning_rate = learning_rate
-    tx = make_optimizer(ft.train, max(1, len(exp.train[0]) // ft.train.batch_size))
-    if variables is not None:
-        variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats", "masks")}
-    state = create_train_state(model, tx, exp.input_shape, seed, variables=variables)
-    if epochs > 0:
-        state, _ = fit(ft, small_exp, state, workdir)
-    evaluate = make_eval_fn(small_exp, ft.train.eval_batch_size)
-    return evaluate(state, exp.test), evaluate(state, exp.val), state
+def net_variables(variables) -> dict:
+    """The `NET_COLLECTIONS` of a network's variables."""
+    return {k: v for k, v in variables.items() if k in NET_COLLECTIONS}
 
 
-def train_bbdropout(config, exp, layout: GroupLayout, variables, objective: SparsityObjective, *, epochs: int,
-                    learning_rate: float, gate_learning_rate: float = 0.01, temperature: float = 0.1,
-                    seed: int = 0):
+def deploy(exp: Experiment, variables, masks, recipe: Recipe, workdir: str) -> tuple[Experiment, TrainState]:
+    """One method's network on the target: `variables` (of `exp.model`) pruned by the
+    layer `masks`, shrunk and fine-tuned with `recipe` into `workdir`
+    (`pipeline.shrink_and_finetune`). Returns `(small_exp, small_state)`."""
+    return pipeline.shrink_and_finetune(exp, {**net_variables(variables), "masks": masks}, recipe, workdir)
+
+
+def train_bbdropout(exp: Experiment, layout: GroupLayout, variables, objective: SparsityObjective, recipe: Recipe, *,
+                    gate_learning_rate: float = 0.01, temperature: float = 0.1):
     """BBDropout on the target without meta-learning (Lee et al. 2018): the full
     network is trained jointly with free per-channel Kumaraswamy gates (relaxed
-    Bernoulli, KL to Beta(alpha, 1), budget penalty). Returns (E[pi] per group, variables)."""
+    Bernoulli, KL to Beta(alpha, 1), budget penalty) for `recipe.num_epochs` epochs of
+    its batch size, augmentation and seed; the network by SGD (momentum 0.9, cosine
+    decay from `recipe.learning_rate`), the gates by Adam. Returns (E[pi] per group,
+    variables)."""
     model = layout.table.model
     gates = FreeGates(layout.widths)
-    params = {"net": variables["params"], "gates": gates.init(jax.random.key(seed))}
-    steps = max(1, len(exp.train[0]) // config.train.batch_size)
+    params = {"net": variables["params"], "gates": gates.init(jax.random.key(recipe.seed))}
+    epochs, steps = recipe.num_epochs, recipe.steps_per_epoch(len(exp.train[0]))
     tx = optax.multi_transform(
-        {"net": optax.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps), momentum=0.9),
+        {"net": optax.sgd(optax.cosine_decay_schedule(recipe.learning_rate, epochs * steps), momentum=0.9),
          "gates": optax.adam(gate_learning_rate)}, {"net": "net", "gates": "gates"})
     opt_state = tx.init(params)
     base_masks = variables.get("masks")
@@ -112,7 +106,7 @@ def train_bbdropout(config, exp, layout: GroupLayout, variables, objective: Spar
     @jax.jit
     def step(params, batch_stats, opt_state, x, y, key):
         x = normalize(x, exp.mean, exp.std)
-        if config.data.augment:
+        if recipe.augment:
             x = augment_cifar(jax.random.fold_in(key, 1), x)
 
         def loss_fn(params):
@@ -129,9 +123,9 @@ def train_bbdropout(config, exp, layout: GroupLayout, variables, objective: Spar
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), bs, opt_state, loss, info
 
-    it = BatchIterator(*exp.train, batch_size=config.train.batch_size, seed=seed)
+    it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed)
     batch_stats = variables["batch_stats"]
-    key = jax.random.key(seed)
+    key = jax.random.key(recipe.seed)
     for i in range(epochs * steps):
         batch = next(it)
         params, batch_stats, opt_state, loss, info = step(params, batch_stats, opt_state, batch["image"],
@@ -139,11 +133,6 @@ def train_bbdropout(config, exp, layout: GroupLayout, variables, objective: Spar
     a, b = gates.apply(params["gates"])
     probs = [np.asarray(K.kumaraswamy_mean(ai, bi)) for ai, bi in zip(a, b)]
     return probs, {**variables, "params": params["net"], "batch_stats": batch_stats}
-
-
-def prune_to(layout: GroupLayout, variables, masks):
-    """Physical surgery of (variables, masks): (small model, small variables)."""
-    return shrink(layout.table, {**{k: v for k, v in variables.items() if k != "quant"}, "masks": masks})
 
 
 def method_dir(workdir: str, name: str) -> str:

@@ -158,7 +158,7 @@ def check_budget(layout: GroupLayout, budget: float, metric: str, multiple: int 
         fewest = "one channel" if multiple == 1 else "the fewest aligned channels"
         raise ConfigError(f"a {metric} budget of {budget:.1%} is below reach: {fewest} per prunable group "
                           f"already leaves {low:.1%}; raise stamp.budget, prune more groups (stamp.scope=all)"
-                          + ("" if multiple == 1 else " or set prune.multiple=1 (unaligned counts)"))
+                          + ("" if multiple == 1 else " or set hardware.multiple=1 (unaligned counts)"))
 
 
 def hard_group_masks(layout: GroupLayout, keep_prob: Sequence[np.ndarray], mode: str = "threshold",

@@ -1,16 +1,19 @@
 """The `stamp` job: reference pretraining -> meta-training -> target deployment + baselines.
 
-    python -m launch.main --config=configs/bench/stamp_cifar10.py --workdir=workdirs/stamp_cifar10
+    python -m benchmarks.run --config=benchmarks/configs/stamp_cifar10.py --workdir=workdirs/stamp_cifar10
 
-1. Reference network (`config.data` restricted to `stamp.reference_classes`) trained
-   with `fit` into `<workdir>/pretrain` (or loaded from `stamp.pretrained`).
-2. Meta-training of the set encoder and mask generator (`jaxcompress.stamp.meta`)
-   into `<workdir>/meta` (or loaded from `stamp.meta_checkpoint`); resumable.
-3. On the target (`stamp.target`): STAMP and the baselines of
-   `jaxcompress.stamp.deploy`, each fine-tuned for `stamp.finetune_epochs` into
-   `<workdir>/target/<method>`.
-4. `summary.json`: per method accuracy, % params, % FLOPs, target-side and total
-   wall time; `accuracy_vs_time.png`.
+Stages (the functions `run` calls in turn):
+
+1. `pretrain_reference`: the reference network (`config.data` restricted to
+   `stamp.reference_classes`, `load_experiments`) trained with the `Recipe` of
+   `config.train` into `<workdir>/pretrain` (or loaded from `stamp.pretrained`).
+2. `meta_train_stamp`: the set encoder and mask generator (`jaxcompress.stamp.meta`)
+   meta-trained into `<workdir>/meta` (or loaded from `stamp.meta_checkpoint`); resumable.
+3. `deploy_stamp`, `run_baselines`: on the target (`stamp.target`), STAMP and the
+   baselines of `jaxcompress.stamp.deploy`, each fine-tuned for `stamp.finetune_epochs`
+   into `<workdir>/target/<method>` (`TargetSide` evaluates and records them).
+4. `stamp_summary`: `summary.json` (per method accuracy, % params, % FLOPs,
+   target-side and total wall time) and `accuracy_vs_time.png`.
 
 Bad input (target with more classes than the head, empty set, unreachable budget,
 reference/target class overlap when forbidden) raises `ConfigError` before any work.
@@ -26,22 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcompress import cost
+from jaxcompress import cost, pipeline
 from jaxcompress.data import (channel_stats, load_dataset, normalize, select_classes, split_validation,
                               stratified_subset)
 from jaxcompress.errors import ConfigError
+from jaxcompress.latency import measured_latency
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
 from jaxcompress.stamp import deploy as D
 from jaxcompress.stamp.encoder import SetEncoder, pretrained_features
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective, check_budget
-from jaxcompress.stamp.meta import ALGORITHMS, Stamp, TaskSampler, meta_train
+from jaxcompress.stamp.meta import ALGORITHMS, MetaState, Stamp, TaskSampler, meta_train
 from jaxcompress.train.experiment import Experiment
-from jaxcompress.train.loop import fit, load_trained, make_eval_fn
-from jaxcompress.latency import measured_latency
+from jaxcompress.train.loop import load_trained, make_eval_fn
 from jaxcompress.train.metrics import write_json
-from jaxcompress.train.optim import make_optimizer
-from jaxcompress.train.state import create_train_state
+from jaxcompress.train.recipe import Recipe
+from jaxcompress.train.state import TrainState
 from jaxcompress.train.steps import make_mesh
 
 BUDGET_PENALTIES = ("target", "hinge")
@@ -100,8 +103,9 @@ def _experiment(split, model, table, mesh):
                       mesh=mesh)
 
 
-def _features(model, variables, x, mean, std, num_convs, chunk=500):
-    fn = jax.jit(lambda v, x: pretrained_features(model, v, normalize(x, mean, std), num_convs))
+def _features(exp: Experiment, variables, x, num_convs: int, chunk: int = 500) -> np.ndarray:
+    """`pretrained_features` of the images `x` (normalised with `exp`'s statistics)."""
+    fn = jax.jit(lambda v, x: pretrained_features(exp.model, v, normalize(x, exp.mean, exp.std), num_convs))
     return np.concatenate([np.asarray(fn(variables, x[i:i + chunk])) for i in range(0, len(x), chunk)])
 
 
@@ -127,20 +131,19 @@ def stamp_time_ratios(results: dict) -> dict:
                 time_ratio_to_stamp={k: (t / stamp_time if t is not None else None) for k, t in reach.items()})
 
 
-def run(config, workdir: str) -> dict:
-    wall_start = time.time()
-    check_stamp_config(config)
-    s = config.stamp
+def load_experiments(config) -> tuple[Experiment, Experiment]:
+    """The reference (`config.data` restricted to `stamp.reference_classes`) and target
+    (`stamp.target`) experiments, sharing one model with `stamp.head_classes` outputs
+    (0: one per reference class); a target the head or the model cannot take fails here."""
+    s, d, t = config.stamp, config.data, config.stamp.target
     get_spec(config.model.name)
     mesh = make_mesh()
-    t = s.target
-    ref_split = _split(config.data.name, config.data.data_dir, config.data.image_size, config.data.channels,
-                       tuple(s.reference_classes), s.reference_train_size, s.val_size, config.seed)
-    same = not t.name or t.name == config.data.name  # the target's images are prepared like the reference's
-    tgt_split = _split(t.name or config.data.name, t.data_dir or config.data.data_dir,
-                       t.image_size or (config.data.image_size if same else 0),
-                       t.channels or (config.data.channels if same else 0),
-                       tuple(t.classes), s.target_train_size, s.val_size, config.seed)
+    ref_split = _split(d.name, d.data_dir, d.image_size, d.channels, tuple(s.reference_classes),
+                       s.reference_train_size, s.val_size, config.seed)
+    same = not t.name or t.name == d.name  # the target's images are prepared like the reference's
+    tgt_split = _split(t.name or d.name, t.data_dir or d.data_dir, t.image_size or (d.image_size if same else 0),
+                       t.channels or (d.channels if same else 0), tuple(t.classes), s.target_train_size,
+                       s.val_size, config.seed)
     head = s.head_classes or ref_split[3]
     if tgt_split[3] > head:
         raise ConfigError(f"the target has {tgt_split[3]} classes but the network head supports {head}; "
@@ -149,158 +152,227 @@ def run(config, workdir: str) -> dict:
         raise ConfigError(f"reference images {ref_split[0][0].shape[1:]} and target images "
                           f"{tgt_split[0][0].shape[1:]} differ; set stamp.target.image_size / channels")
     model = create_model(config.model.name, head, config.model.width_multiplier)
-    input_shape = tuple(ref_split[0][0].shape[1:])
-    table = describe(model, input_shape)
-    layout = GroupLayout(table, tuple(C.prunable_groups(table, s.scope)))
-    check_budget(layout, s.budget, s.budget_metric, config.prune.multiple)
-    ref_exp, tgt_exp = _experiment(ref_split, model, table, mesh), _experiment(tgt_split, model, table, mesh)
+    table = describe(model, tuple(ref_split[0][0].shape[1:]))
+    return _experiment(ref_split, model, table, mesh), _experiment(tgt_split, model, table, mesh)
 
-    # 1. reference network
-    pre_dir = s.pretrained or os.path.join(workdir, "pretrain")
 
+def pretrain_reference(exp: Experiment, recipe: Recipe, directory: str, *, train: bool
+                       ) -> tuple[dict, float, float]:
+    """Stage 1: the reference network, trained with `recipe` into `directory` (resumable;
+    `train=False`: already there, `stamp.pretrained`) and its best checkpoint loaded.
+    Returns (its `D.net_variables`, the stage's wall time, its test accuracy)."""
     def pretrain():
-        if s.pretrained:
-            return None
-        tx = make_optimizer(config.train, max(1, len(ref_exp.train[0]) // config.train.batch_size))
-        state = create_train_state(model, tx, input_shape, config.seed)
-        return fit(config, ref_exp, state, pre_dir)
+        if train:
+            pipeline.finetune(exp, None, recipe, directory)  # None: from a fresh initialisation
 
-    _, pretrain_time = _stage_time(os.path.join(pre_dir, "stage_time.json"), pretrain)
-    pretrained = load_trained(config, ref_exp, pre_dir)
-    variables = {k: v for k, v in pretrained.variables().items() if k in ("params", "batch_stats", "masks")}
-    ref_acc = make_eval_fn(ref_exp, config.train.eval_batch_size)(pretrained, ref_exp.test)["accuracy"]
-    logging.info("stamp: reference network %s, test accuracy %.4f on reference classes", config.model.name, ref_acc)
+    _, seconds = _stage_time(os.path.join(directory, "stage_time.json"), pretrain)
+    state = load_trained(exp, directory, recipe)
+    accuracy = make_eval_fn(exp, recipe.eval_batch_size)(state, exp.test)["accuracy"]
+    logging.info("stamp: reference network %s, test accuracy %.4f on reference classes", type(exp.model).__name__,
+                 accuracy)
+    return D.net_variables(state.variables()), seconds, accuracy
 
-    # 2. meta-training
-    def sparsity(num_examples):  # STAMP's outer regulariser; BBDropout's on the target
-        return SparsityObjective(alpha=s.prior_alpha, kl_weight=s.kl_weight, num_examples=num_examples,
-                                 budget=s.budget, budget_metric=s.budget_metric, budget_weight=s.budget_weight,
-                                 penalty=s.budget_penalty)
 
-    objective = sparsity(len(ref_exp.train[0]))
-    stamp = Stamp(layout=layout, net_variables=variables, mean=ref_exp.mean, std=ref_exp.std, objective=objective,
-                  encoder=SetEncoder(dim=s.embed_dim, num_labels=head, pooling=s.pooling, num_heads=s.num_heads),
+def sparsity_objective(s, num_examples: int) -> SparsityObjective:
+    """The `stamp` section's sparsity regulariser over `num_examples` training examples:
+    STAMP's outer one (the reference set), BBDropout's (the target set)."""
+    return SparsityObjective(alpha=s.prior_alpha, kl_weight=s.kl_weight, num_examples=num_examples,
+                             budget=s.budget, budget_metric=s.budget_metric, budget_weight=s.budget_weight,
+                             penalty=s.budget_penalty)
+
+
+def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, directory: str, seed: int
+                     ) -> tuple[Stamp, MetaState, float]:
+    """Stage 2: the set encoder and mask generator (the `stamp` section `s`) meta-trained
+    on tasks of the reference experiment `exp` into `directory` (resumable). Returns
+    (the Stamp, its meta-trained state, the stage's wall time)."""
+    stamp = Stamp(layout=layout, net_variables=variables, mean=exp.mean, std=exp.std,
+                  objective=sparsity_objective(s, len(exp.train[0])),
+                  encoder=SetEncoder(dim=s.embed_dim, num_labels=exp.model.num_classes, pooling=s.pooling,
+                                     num_heads=s.num_heads),
                   generator=MaskGenerator(group_widths=layout.widths, hidden=s.embed_dim, a_init=s.a_init),
                   inner_steps=s.inner_steps, inner_lr=s.inner_lr, temperature=s.temperature,
                   algorithm=s.algorithm, reptile_lr=s.reptile_lr, meta_weights=s.meta_weights)
-    meta_dir = s.meta_checkpoint or os.path.join(workdir, "meta")
 
     def metatrain():
-        feats = (_features(model, variables, ref_exp.train[0], ref_exp.mean, ref_exp.std, s.feature_convs)
-                 if s.instance == "pretrained" else None)
-        ways = tuple(s.task_ways) if s.task_ways else (ref_exp.num_classes, ref_exp.num_classes)
-        sampler = TaskSampler(*ref_exp.train, ways=ways, set_size=s.set_size, inner_steps=s.inner_steps,
-                              inner_batch=s.inner_batch, query_size=s.query_size, seed=config.seed,
-                              set_inputs=feats)
+        feats = _features(exp, variables, exp.train[0], s.feature_convs) if s.instance == "pretrained" else None
+        ways = tuple(s.task_ways) if s.task_ways else (exp.num_classes, exp.num_classes)
+        sampler = TaskSampler(*exp.train, ways=ways, set_size=s.set_size, inner_steps=s.inner_steps,
+                              inner_batch=s.inner_batch, query_size=s.query_size, seed=seed, set_inputs=feats)
         return meta_train(stamp, sampler, num_steps=s.meta_steps, tasks_per_step=s.tasks_per_step,
-                          learning_rate=s.meta_learning_rate, workdir=meta_dir, seed=config.seed,
+                          learning_rate=s.meta_learning_rate, workdir=directory, seed=seed,
                           checkpoint_every=s.checkpoint_every)[0]
 
-    meta_state, meta_time = _stage_time(os.path.join(meta_dir, "stage_time.json"), metatrain)
+    meta_state, seconds = _stage_time(os.path.join(directory, "stage_time.json"), metatrain)
+    return stamp, meta_state, seconds
 
-    # 3. target side
-    results = {}
-    tx_, ty_ = tgt_exp.train
-    ft = dict(epochs=s.finetune_epochs, learning_rate=s.finetune_learning_rate, seed=config.seed)
-    scratch_ft = dict(epochs=s.finetune_epochs, learning_rate=s.scratch_learning_rate, seed=config.seed)
-    dense_cost = cost.count(table)
 
-    def record(name, test, val, small_model, target_time, base_time, extra=None):
-        widths = tuple(small_model.widths)
-        c = cost.count(table, widths)
-        results[name] = dict(accuracy=test["accuracy"], val_accuracy=val["accuracy"],
-                             params_pct=100 * float(c["params"] / dense_cost["params"]),
-                             flops_pct=100 * float(c["flops"] / dense_cost["flops"]), widths=list(widths),
-                             target_time_s=target_time, total_time_s=target_time + base_time,
-                             val_curve=D.val_curve(D.method_dir(workdir, name), target_time, time.time()),
-                             **(extra or {}))
-        write_json(os.path.join(workdir, "target", "results.json"), results)  # partial results as we go
-        logging.info("stamp target %-16s acc %.4f params %.1f%% flops %.1f%% target %.1fs", name,
-                     test["accuracy"], results[name]["params_pct"], results[name]["flops_pct"], target_time)
+class TargetSide:
+    """What the methods on the target share: its experiment `exp`, the prunable groups,
+    the pretrained network's `variables`, the `seed` of samples and criteria, and the
+    results so far (`results`, written to `<workdir>/target/results.json` as each
+    method ends)."""
 
-    # STAMP: encode a target sample -> hard mask -> shrink -> fine-tune
+    def __init__(self, exp: Experiment, layout: GroupLayout, variables: dict, workdir: str, seed: int,
+                 eval_batch_size: int):
+        self.exp, self.layout, self.variables, self.workdir, self.seed = exp, layout, variables, workdir, seed
+        self.evaluate = make_eval_fn(exp, eval_batch_size)
+        self.dense_cost = cost.count(layout.table)
+        self.results = {}
+
+    def directory(self, name: str) -> str:
+        return D.method_dir(self.workdir, name)
+
+    def record(self, name: str, state: TrainState, widths, start: float, base_time: float, **extra) -> None:
+        """Evaluates `state` (a network of `widths`) for method `name`, whose target side
+        began at wall-clock `start` and reuses `base_time` seconds of earlier stages."""
+        test, val = self.evaluate(state, self.exp.test), self.evaluate(state, self.exp.val)
+        end = time.time()
+        target_time, c = end - start, cost.count(self.layout.table, tuple(widths))
+        r = dict(accuracy=test["accuracy"], val_accuracy=val["accuracy"],
+                 params_pct=100 * float(c["params"] / self.dense_cost["params"]),
+                 flops_pct=100 * float(c["flops"] / self.dense_cost["flops"]), widths=list(widths),
+                 target_time_s=target_time, total_time_s=target_time + base_time,
+                 val_curve=D.val_curve(self.directory(name), target_time, end), **extra)
+        self.results[name] = r
+        write_json(os.path.join(self.workdir, "target", "results.json"), self.results)  # partial results as we go
+        logging.info("stamp target %-16s acc %.4f params %.1f%% flops %.1f%% target %.1fs", name, r["accuracy"],
+                     r["params_pct"], r["flops_pct"], target_time)
+
+    def deploy(self, name: str, variables, masks, recipe: Recipe, start: float, base_time: float,
+               **extra) -> tuple[int, ...]:
+        """`D.deploy` (prune by layer `masks`, shrink, fine-tune) then `record`; returns the widths."""
+        small_exp, state = D.deploy(self.exp, variables, masks, recipe, self.directory(name))
+        widths = tuple(small_exp.model.widths)
+        self.record(name, state, widths, start, base_time, **extra)
+        return widths
+
+
+def deploy_stamp(target: TargetSide, stamp: Stamp, meta_params, s, recipe: Recipe, multiple: int | None,
+                 base_time: float) -> tuple[int, ...]:
+    """Stage 3: STAMP on the target: one forward pass on a sample of its training set
+    gives E[pi] and the hard mask (the `stamp` section `s`: mask mode, budget), the
+    network is shrunk and fine-tuned with `recipe`. Returns STAMP's widths."""
+    exp, variables = target.exp, target.variables
     start = time.time()
-    set_x, set_y = D.sample_set(tx_, ty_, s.set_size, config.seed)
-    set_in = (_features(model, variables, set_x, tgt_exp.mean, tgt_exp.std, s.feature_convs)
-              if s.instance == "pretrained" else set_x)
-    group_masks, probs = D.stamp_masks(stamp, meta_state.params, set_in, set_y, mode=s.mask_mode,
-                                       threshold=s.threshold, budget=s.budget, metric=s.budget_metric,
-                                       multiple=config.prune.multiple)
-    net_vars = {**variables, "params": meta_state.params.get("net", variables["params"])}
-    small_model, small_vars = D.prune_to(layout, net_vars, layout.layer_masks(group_masks, variables.get("masks")))
+    set_x, set_y = D.sample_set(*exp.train, s.set_size, target.seed)
+    set_in = _features(exp, variables, set_x, s.feature_convs) if s.instance == "pretrained" else set_x
+    group_masks, probs = D.stamp_masks(stamp, meta_params, set_in, set_y, mode=s.mask_mode, threshold=s.threshold,
+                                       budget=s.budget, metric=s.budget_metric, multiple=multiple)
+    net_vars = {**variables, "params": meta_params.get("net", variables["params"])}
+    masks = target.layout.layer_masks(group_masks, variables.get("masks"))
     mask_time = time.time() - start
-    test, val, _ = D.finetune(config, tgt_exp, small_model, small_vars, D.method_dir(workdir, "stamp"), **ft)
-    record("stamp", test, val, small_model, time.time() - start, pretrain_time + meta_time,
-           dict(mask_time_s=mask_time, keep_prob_mean=[float(p.mean()) for p in probs]))
-    stamp_widths = tuple(small_model.widths)
-    fraction = results["stamp"][f"{s.budget_metric}_pct"] / 100
-    counts = (list(stamp_widths) if s.baseline_widths == "stamp"
-              else D.uniform_counts_for(layout, fraction, s.budget_metric, config.prune.multiple))
-    snip_batch = D.sample_set(*tgt_exp.train, s.snip_batch, config.seed)
-    snip_batch = (np.asarray(normalize(snip_batch[0], tgt_exp.mean, tgt_exp.std)), snip_batch[1])
-    methods = [m for m in s.methods if m != "stamp"]
+    return target.deploy("stamp", net_vars, masks, recipe, start, base_time, mask_time_s=mask_time,
+                         keep_prob_mean=[float(p.mean()) for p in probs])
 
-    def pruned(name, source_vars, criterion, base_time, lr_cfg, extra_time=0.0, batch=None):
-        start = time.time()
-        masks = D.criterion_masks(layout, source_vars, criterion, counts, batch=batch, seed=config.seed)
-        small, small_v = D.prune_to(layout, source_vars, masks)
-        test, val, _ = D.finetune(config, tgt_exp, small, small_v, D.method_dir(workdir, name), **lr_cfg)
-        record(name, test, val, small, time.time() - start + extra_time, base_time)
 
-    dense_vars, dense_time = None, 0.0
+def criterion_baselines(target: TargetSide, methods, counts, recipe: Recipe, scratch_recipe: Recipe,
+                        snip_size: int, base_time: float) -> None:
+    """Stage 4a, those of `methods` among: dense (the pretrained network fine-tuned),
+    magnitude (L1 pruning of that, its fine-tune counted), SNIP from the pretrained
+    weights (on `snip_size` target images) and random pruning, each pruned to `counts`
+    channels per group and fine-tuned with `recipe`; SNIP at initialisation with
+    `scratch_recipe`. `base_time`: the pretraining they reuse."""
+    exp, seed = target.exp, target.seed
+    x, y = D.sample_set(*exp.train, snip_size, seed)
+    snip_batch = (np.asarray(normalize(x, exp.mean, exp.std)), y)
+
+    def pruned(name, variables, criterion, recipe, start, base_time, batch=None):
+        masks = D.criterion_masks(target.layout, variables, criterion, counts, batch=batch, seed=seed)
+        target.deploy(name, variables, masks, recipe, start, base_time)
+
     if "dense" in methods or "magnitude" in methods:
         start = time.time()
-        test, val, dstate = D.finetune(config, tgt_exp, model, variables, D.method_dir(workdir, "dense"), **ft)
+        dense = pipeline.finetune(exp, target.variables, recipe, target.directory("dense"))
         dense_time = time.time() - start
-        dense_vars = {k: v for k, v in dstate.variables().items() if k in ("params", "batch_stats", "masks")}
         if "dense" in methods:
-            record("dense", test, val, model, dense_time, pretrain_time)
+            target.record("dense", dense, exp.model.widths, start, base_time)
     if "magnitude" in methods:  # fine-tune the dense net on the target, L1-prune it, fine-tune the small net
-        pruned("magnitude", dense_vars, "l1", pretrain_time, ft, extra_time=dense_time)
+        pruned("magnitude", D.net_variables(dense.variables()), "l1", recipe, time.time() - dense_time, base_time)
     if "snip_pretrained" in methods:
-        pruned("snip_pretrained", variables, "snip", pretrain_time, ft, batch=snip_batch)
+        pruned("snip_pretrained", target.variables, "snip", recipe, time.time(), base_time, batch=snip_batch)
     if "random" in methods:
-        pruned("random", variables, "random", pretrain_time, ft)
+        pruned("random", target.variables, "random", recipe, time.time(), base_time)
     if "snip_init" in methods:
-        init_vars = jax.jit(lambda k: model.init(k, jnp.zeros((1, *input_shape)), train=False))(
-            jax.random.key(config.seed + 1))
-        pruned("snip_init", dict(init_vars), "snip", 0.0, scratch_ft, batch=snip_batch)
-    if "bbdropout" in methods:
-        start = time.time()
-        bprobs, bvars = D.train_bbdropout(config, tgt_exp, layout, variables, sparsity(len(tx_)),
-                                          epochs=s.bbdropout_epochs, learning_rate=s.finetune_learning_rate,
-                                          temperature=s.temperature, seed=config.seed)
-        bmasks = D.hard_group_masks(layout, bprobs, "budget", s.threshold, fraction, s.budget_metric,
-                                    config.prune.multiple)
-        small, small_v = D.prune_to(layout, bvars, layout.layer_masks(bmasks, variables.get("masks")))
-        test, val, _ = D.finetune(config, tgt_exp, small, small_v, D.method_dir(workdir, "bbdropout"), **ft)
-        record("bbdropout", test, val, small, time.time() - start, pretrain_time)
-    if "scratch" in methods:
-        start = time.time()
-        small = model.clone(widths=stamp_widths)
-        test, val, _ = D.finetune(config, tgt_exp, small, None, D.method_dir(workdir, "scratch"), **scratch_ft)
-        record("scratch", test, val, small, time.time() - start, 0.0)
+        init_vars = jax.jit(lambda k: exp.model.init(k, jnp.zeros((1, *exp.input_shape)), train=False))(
+            jax.random.key(seed + 1))
+        pruned("snip_init", dict(init_vars), "snip", scratch_recipe, time.time(), 0.0, batch=snip_batch)
 
+
+def run_baselines(target: TargetSide, s, recipe: Recipe, stamp_widths, multiple: int | None,
+                  pretrain_time: float) -> None:
+    """Stage 4: the baselines of `stamp.methods`, at STAMP's size: the uniform widths of
+    its `budget_metric` fraction (`baseline_widths` uniform) or its widths (stamp);
+    fine-tuned with `recipe` (trained from scratch: at `scratch_learning_rate`)."""
+    methods = [m for m in s.methods if m != "stamp"]
+    fraction = target.results["stamp"][f"{s.budget_metric}_pct"] / 100
+    counts = (list(stamp_widths) if s.baseline_widths == "stamp"
+              else D.uniform_counts_for(target.layout, fraction, s.budget_metric, multiple))
+    scratch_recipe = recipe.replace(learning_rate=s.scratch_learning_rate)
+    criterion_baselines(target, methods, counts, recipe, scratch_recipe, s.snip_batch, pretrain_time)
+    if "bbdropout" in methods:
+        start, layout = time.time(), target.layout
+        probs, variables = D.train_bbdropout(target.exp, layout, target.variables,
+                                             sparsity_objective(s, len(target.exp.train[0])),
+                                             recipe.replace(num_epochs=s.bbdropout_epochs), temperature=s.temperature)
+        masks = D.hard_group_masks(layout, probs, "budget", s.threshold, fraction, s.budget_metric, multiple)
+        target.deploy("bbdropout", variables, layout.layer_masks(masks, target.variables.get("masks")), recipe,
+                      start, pretrain_time)
+    if "scratch" in methods:
+        start, small = time.time(), target.exp.model.clone(widths=stamp_widths)
+        state = pipeline.finetune(target.exp, None, scratch_recipe, target.directory("scratch"), model=small)
+        target.record("scratch", state, stamp_widths, start, 0.0)
+
+
+def stamp_summary(config, ref_exp: Experiment, target: TargetSide, *, ref_accuracy: float, pretrain_time: float,
+                  meta_time: float, stamp_widths, wall_start: float) -> dict:
+    """Stage 5: summary.json's content (per method accuracy, sizes, times; the time
+    ratios to STAMP's accuracy) and `accuracy_vs_time.png`."""
     from jaxcompress.stamp.report import plot_accuracy_vs_time
-    plot_accuracy_vs_time(os.path.join(workdir, "accuracy_vs_time.png"), results,
+    s, t, results, model = config.stamp, config.stamp.target, target.results, ref_exp.model
+    target_name = t.name or config.data.name
+    plot_accuracy_vs_time(os.path.join(target.workdir, "accuracy_vs_time.png"), results,
                           f"{config.model.name} x{config.model.width_multiplier:g}: "
                           f"{config.data.name}{list(s.reference_classes)} -> "
-                          f"{t.name or config.data.name}{list(t.classes) if t.classes else ''}")
+                          f"{target_name}{list(t.classes) if t.classes else ''}")
     summary = dict(job=config.job, model=config.model.name, width_multiplier=config.model.width_multiplier,
                    reference=dict(dataset=config.data.name, classes=list(s.reference_classes),
-                                  train_examples=len(ref_exp.train[0]), test_accuracy=ref_acc),
-                   target=dict(dataset=t.name or config.data.name, classes=list(t.classes),
-                               train_examples=len(tx_), num_classes=tgt_exp.num_classes),
+                                  train_examples=len(ref_exp.train[0]), test_accuracy=ref_accuracy),
+                   target=dict(dataset=target_name, classes=list(t.classes),
+                               train_examples=len(target.exp.train[0]), num_classes=target.exp.num_classes),
                    budget=s.budget, budget_metric=s.budget_metric, algorithm=s.algorithm, pooling=s.pooling,
                    meta_steps=s.meta_steps, finetune_epochs=s.finetune_epochs,
                    pretrain_time_s=pretrain_time, meta_train_time_s=meta_time, methods=results,
-                   params_dense=float(dense_cost["params"]), flops_dense=float(dense_cost["flops"]),
-                   groups=[table.group_names[g] for g in layout.groups], device_kind=jax.devices()[0].device_kind,
+                   params_dense=float(target.dense_cost["params"]), flops_dense=float(target.dense_cost["flops"]),
+                   groups=[ref_exp.table.group_names[g] for g in target.layout.groups],
+                   device_kind=jax.devices()[0].device_kind,
                    latency_s=measured_latency({"dense": model, "stamp": model.clone(widths=stamp_widths)},
-                                              input_shape, config.prune.latency_batch),
-                   latency_batch=config.prune.latency_batch,
+                                              ref_exp.input_shape, config.hardware.latency_batch),
+                   latency_batch=config.hardware.latency_batch,
                    wall_time_s=time.time() - wall_start)
     summary.update({f"accuracy_{k}": v["accuracy"] for k, v in results.items()})
     summary.update(stamp_time_ratios(results))
+    return summary
+
+
+def run(config, workdir: str) -> dict:
+    """The `stamp` job (module docstring): returns (and writes) summary.json."""
+    wall_start = time.time()
+    check_stamp_config(config)
+    s, multiple = config.stamp, config.hardware.multiple
+    ref_exp, tgt_exp = load_experiments(config)
+    layout = GroupLayout(ref_exp.table, tuple(C.prunable_groups(ref_exp.table, s.scope)))
+    check_budget(layout, s.budget, s.budget_metric, multiple)
+    recipe = Recipe.from_config(config)
+    variables, pretrain_time, ref_accuracy = pretrain_reference(
+        ref_exp, recipe, s.pretrained or os.path.join(workdir, "pretrain"), train=not s.pretrained)
+    stamp, meta_state, meta_time = meta_train_stamp(s, layout, ref_exp, variables,
+                                                    s.meta_checkpoint or os.path.join(workdir, "meta"), config.seed)
+    target = TargetSide(tgt_exp, layout, variables, workdir, config.seed, recipe.eval_batch_size)
+    ft = recipe.replace(num_epochs=s.finetune_epochs, learning_rate=s.finetune_learning_rate)
+    stamp_widths = deploy_stamp(target, stamp, meta_state.params, s, ft, multiple, pretrain_time + meta_time)
+    run_baselines(target, s, ft, stamp_widths, multiple, pretrain_time)
+    summary = stamp_summary(config, ref_exp, target, ref_accuracy=ref_accuracy, pretrain_time=pretrain_time,
+                            meta_time=meta_time, stamp_widths=stamp_widths, wall_start=wall_start)
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

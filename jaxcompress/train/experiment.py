@@ -14,12 +14,19 @@ from jaxcompress.data import channel_stats, load_dataset, select_classes, split_
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import ModelTable, create_model, describe, get_spec
 from jaxcompress.train import optim
+from jaxcompress.train.steps import make_mesh
 
 
 class Teacher(NamedTuple):
-    """The network a compression job's fine-tunes distil from (`train.distill_weight`)."""
+    """The network a compression job's fine-tunes distil from (`train.distill_weight`),
+    handed to `fit`."""
     apply_fn: Callable
     variables: Any
+
+    @classmethod
+    def of(cls, state) -> "Teacher":
+        """The network of a TrainState, in inference mode (its variables frozen)."""
+        return cls(state.apply_fn, state.variables())
 
 
 @dataclasses.dataclass
@@ -33,18 +40,10 @@ class Experiment:
     model: object
     table: ModelTable
     mesh: jax.sharding.Mesh
-    teacher: Teacher | None = None  # set by `with_teacher`: every `fit` on this experiment distils from it
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train[0].shape[1:])
-
-
-def with_teacher(exp: Experiment, state) -> Experiment:
-    """`exp` whose fine-tunes distil from `state` (a job's reference network) when
-    `train.distill_weight` > 0; experiments derived from it (`dataclasses.replace`, e.g.
-    the shrunk network's) keep the teacher."""
-    return dataclasses.replace(exp, teacher=Teacher(state.apply_fn, state.variables()))
 
 
 def check_train_config(cfg, num_devices: int) -> None:
@@ -75,7 +74,6 @@ def setup_experiment(config) -> Experiment:
     if config.get("multihost", False):
         jax.distributed.initialize()
     get_spec(config.model.name)  # unknown model: fail before loading data
-    from jaxcompress.train.steps import make_mesh
     mesh = make_mesh()
     check_train_config(config.train, mesh.size)
     d = config.data

@@ -15,13 +15,14 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxcompress import cost
-from jaxcompress.bench.timing import forward_latencies
+from jaxcompress.timing import forward_latencies
 from jaxcompress.data import BatchIterator, iterate_eval, shard_batch
 from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
-from jaxcompress.train.experiment import Experiment, setup_experiment
+from jaxcompress.train.experiment import Experiment, Teacher, setup_experiment
 from jaxcompress.train.metrics import MetricWriter, write_json
 from jaxcompress.train.optim import make_optimizer
+from jaxcompress.train.recipe import Recipe
 from jaxcompress.train.state import TrainState, create_train_state
 
 
@@ -51,7 +52,7 @@ def _summary(config, exp, state, wall_start, **extra) -> dict:
     """The train / evaluate summary: cost report, devices, measured forward latency of
     the network (`latency_s`, at `prune.latency_batch` as every job reports; 0: off)."""
     report = cost_report(exp, state)
-    batch = config.prune.latency_batch
+    batch = config.hardware.latency_batch
     latency = forward_latencies({"trained": (exp.model, state.variables())}, exp.input_shape, batch)
     return dict(job=config.job, model=config.model.name, dataset=config.data.name,
                 num_classes=exp.num_classes, steps=int(jax.device_get(state.step)),
@@ -61,21 +62,22 @@ def _summary(config, exp, state, wall_start, **extra) -> dict:
                 latency_s=latency, latency_batch=batch, wall_time_s=time.time() - wall_start, **extra)
 
 
-def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: int | None = None
+def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, teacher: Teacher | None = None
         ) -> tuple[TrainState, dict]:
-    """Trains `state` on `exp.train` for `num_epochs` (default `config.train.num_epochs`).
+    """Trains `state` (from its step 0, with a new optimiser built from `recipe`) on
+    `exp.train` for `recipe.num_epochs` epochs, data-parallel over `exp.mesh`.
 
     Checkpoints go to `<workdir>/checkpoints` (latest, resumed from if present) and
     `<workdir>/best` (best validation accuracy); metrics to `<workdir>/metrics.jsonl`.
-    `state.tx` must already be the optimizer for this run. With `train.distill_weight` > 0
-    and a teacher on `exp` (`with_teacher`), the loss distils from it. Returns the final state and
+    With a `teacher` and `recipe.distill_weight` > 0 the loss distils from it. `state`'s
+    `apply_fn` is kept (QAT trains a quantized apply). Returns the final state and
     `{"best_val_accuracy", "train_time_s"}`.
     """
-    tcfg = config.train
-    num_epochs = tcfg.num_epochs if num_epochs is None else num_epochs
-    it = BatchIterator(*exp.train, batch_size=tcfg.batch_size, seed=config.seed)
+    it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed)
     spe = it.steps_per_epoch
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
+    tx = make_optimizer(recipe, spe)
+    state = state.replace(step=jnp.zeros((), jnp.int32), tx=tx, opt_state=tx.init(state.params))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), recipe.max_to_keep)
     best_ckpt = Checkpointer(os.path.join(workdir, "best"), 1)
     meta = {"iterator": it.get_state(), "best_val_accuracy": -1.0}
     if ckpt.latest_step() is not None:
@@ -85,32 +87,22 @@ def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: in
     # The jitted step donates the state: copy it so arrays the caller still holds (or
     # that alias other states' leaves, e.g. after surgery) are never invalidated.
     state = jax.device_put(state, S.replicated(exp.mesh), may_alias=False)
-    teacher = exp.teacher if tcfg.distill_weight > 0 else None
-    teacher_args = ()
-    if teacher is not None:
-        logging.info("distilling from the reference network (weight %g, temperature %g)", tcfg.distill_weight,
-                     tcfg.distill_temperature)
-        teacher_args = (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
-    train_step = S.jit_data_parallel(
-        S.make_train_step(exp.mean, exp.std, config.data.augment, tcfg.label_smoothing,
-                          teacher.apply_fn if teacher else None, tcfg.distill_weight, tcfg.distill_temperature),
-        exp.mesh, replicated_args=len(teacher_args))
-    evaluate = make_eval_fn(exp, tcfg.eval_batch_size)
+    train_step, teacher_args = _train_step(exp, recipe, teacher)
+    evaluate = make_eval_fn(exp, recipe.eval_batch_size)
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
-    every = config.checkpoint.every_steps
     train_time = 0.0
-    while step < num_epochs * spe:
+    while step < recipe.num_epochs * spe:
         epoch = step // spe
         epoch_start, sums, n = time.time(), None, 0
-        with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{num_epochs}",
+        with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{recipe.num_epochs}",
                   disable=None, leave=False) as bar:
             while step < (epoch + 1) * spe:
                 state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)), *teacher_args)
                 sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
                 step, n = step + 1, n + 1
                 bar.update()
-                if every and step % every == 0 and step % spe:
+                if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step % spe:
                     ckpt.save(state, {**meta, "iterator": it.get_state()})
         train_metrics = {k: float(v) / n for k, v in jax.device_get(sums).items()}
         train_time += time.time() - epoch_start
@@ -122,24 +114,35 @@ def fit(config, exp: Experiment, state: TrainState, workdir: str, num_epochs: in
         ckpt.save(state, meta)
         writer.write(step, epoch=epoch + 1, train=train_metrics, val=val, epoch_time_s=time.time() - epoch_start)
         logging.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)", epoch + 1,
-                     num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
+                     recipe.num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
                      val["accuracy"], time.time() - epoch_start)
     ckpt.close()
     best_ckpt.close()
     return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time}
 
 
-def steps_per_epoch(config, exp: Experiment) -> int:
-    return len(exp.train[0]) // config.train.batch_size
+def _train_step(exp: Experiment, recipe: Recipe, teacher: Teacher | None):
+    """The jitted data-parallel step and its extra replicated arguments (the teacher's
+    variables when distilling)."""
+    if teacher is None or recipe.distill_weight <= 0:
+        teacher, teacher_args = None, ()
+    else:
+        logging.info("distilling from the reference network (weight %g, temperature %g)", recipe.distill_weight,
+                     recipe.distill_temperature)
+        teacher_args = (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
+    step_fn = S.make_train_step(exp.mean, exp.std, recipe.augment, recipe.label_smoothing,
+                                teacher.apply_fn if teacher else None, recipe.distill_weight,
+                                recipe.distill_temperature)
+    return S.jit_data_parallel(step_fn, exp.mesh, replicated_args=len(teacher_args)), teacher_args
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config.model` on `config.data`; returns (and writes) summary.json."""
     wall_start = time.time()
     exp = setup_experiment(config)
-    tx = make_optimizer(config.train, steps_per_epoch(config, exp))
-    state = create_train_state(exp.model, tx, exp.input_shape, config.seed)
-    state, info = fit(config, exp, state, workdir)
+    recipe = Recipe.from_config(config)
+    state = create_train_state(exp.model, make_optimizer(recipe, 1), exp.input_shape, config.seed)
+    state, info = fit(state, exp, recipe, workdir)
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     test, val = evaluate(state, exp.test), evaluate(state, exp.val)
     summary = _summary(config, exp, state, wall_start, test_accuracy=test["accuracy"], test_loss=test["loss"],
@@ -148,29 +151,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
 
 
-def reference_state(config, exp: Experiment, checkpoint: str, workdir: str, field: str) -> TrainState:
-    """The trained network a compression job starts from: `checkpoint` (a run's workdir)
-    if given, else one trained with `config` into `<workdir>/pretrain` first (`field`
-    names the config field in the log line)."""
-    if checkpoint:
-        return load_trained(config, exp, checkpoint)
-    pre_dir = os.path.join(workdir, "pretrain")
-    logging.info("no %s given: training the reference network into %s", field, pre_dir)
-    train_and_evaluate(config, pre_dir)  # no teacher on this experiment: trained, not distilled
-    return load_trained(config, exp, pre_dir)
-
-
-def load_trained(config, exp: Experiment, directory: str, variables=None) -> TrainState:
+def load_trained(exp: Experiment, directory: str, recipe: Recipe, variables=None) -> TrainState:
     """Restores the latest TrainState in `directory` (a `checkpoints/` or `best/` folder,
-    or a run's workdir, in which case its `best/` checkpoint is used). `variables`: a
-    template of the saved collections where they differ from `exp.model.init`'s (e.g.
-    element masks)."""
+    or a run's workdir, in which case its `best/` checkpoint is used), saved by `fit`
+    with `recipe`'s optimiser. `variables`: a template of the saved collections where
+    they differ from `exp.model.init`'s (e.g. element masks)."""
     if os.path.isdir(os.path.join(directory, "best")):
         directory = os.path.join(directory, "best")
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist; train first (job 'train' with "
                               f"that --workdir) or point the config at an existing checkpoint directory")
-    template = create_train_state(exp.model, make_optimizer(config.train, 1), exp.input_shape, config.seed,
+    template = create_train_state(exp.model, make_optimizer(recipe, 1), exp.input_shape, recipe.seed,
                                   variables=variables)
     ckpt = Checkpointer(directory)
     try:
@@ -185,7 +176,7 @@ def restore_for_eval(config, exp: Experiment, workdir: str) -> TrainState:
     which = config.eval.checkpoint
     directory = {"best": os.path.join(workdir, "best"),
                  "last": os.path.join(workdir, "checkpoints")}.get(which, which)
-    return load_trained(config, exp, directory)
+    return load_trained(exp, directory, Recipe.from_config(config))
 
 
 def evaluate(config, workdir: str) -> dict:

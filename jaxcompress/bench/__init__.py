@@ -1,1 +1,0 @@
-"""Benchmark jobs: run through launch.main with configs under configs/bench/."""

@@ -1,0 +1,116 @@
+"""The published results are generated from benchmarks/results/*.json: docs/RESULTS.md and
+README.md's results block equal what `python -m benchmarks.report` writes from them, so a
+figure in the docs is always one a results file holds."""
+import datetime
+import json
+import os
+
+import pytest
+
+from benchmarks import report, results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _read(*path):
+    with open(os.path.join(ROOT, *path)) as f:
+        return f.read()
+
+
+def _files():
+    return sorted(n for n in os.listdir(RESULTS_DIR) if n.endswith(".json"))
+
+
+def test_results_md_is_generated_from_the_results_files():
+    expected = report.render_results_md(results.load_results(RESULTS_DIR))
+    assert _read("docs", "RESULTS.md") == expected, "docs/RESULTS.md is stale: run python -m benchmarks.report"
+
+
+def test_readme_results_block_is_generated_from_the_results_files():
+    readme = _read("README.md")
+    expected = report.render_readme_block(results.load_results(RESULTS_DIR))
+    assert report.readme_block(readme) == expected, \
+        "README.md's results block is stale: run python -m benchmarks.report"
+    assert report.replace_block(readme, expected) == readme  # what the report writes is what is committed
+
+
+def test_readme_links_every_result_to_its_section():
+    readme, results_md = _read("README.md"), _read("docs", "RESULTS.md")
+    for r in results.load_results(RESULTS_DIR):
+        assert f"](docs/RESULTS.md#{report.slug(r['title'])})" in readme
+        assert f"\n## {r['title']}\n" in results_md
+
+
+@pytest.mark.parametrize("name", _files())
+def test_every_results_file_has_the_schema_fields_and_a_date(name):
+    with open(os.path.join(RESULTS_DIR, name)) as f:
+        record = json.load(f)
+    assert list(record) == list(results.FIELDS)
+    results.validate(record)
+    assert record["name"] + ".json" == name
+    assert datetime.date.fromisoformat(record["date"]) <= datetime.date.today() + datetime.timedelta(days=1)
+    if record["source"] != "measured":  # migrated: dated by the commit that first wrote the figure
+        assert record["source"].endswith(f"first written {record['date']}")
+
+
+def test_validate_rejects_a_record_without_a_date_or_with_a_bad_outcome():
+    good = results.make_record(name="x", title="X", command="python -m benchmarks.run", machine="m",
+                               date="2026-12-04", targets=[dict(what="a", target=">= 1", measured="2", met=True)])
+    with pytest.raises(ValueError, match="lacks date"):
+        results.validate({k: v for k, v in good.items() if k != "date"})
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        results.validate({**good, "date": "04/12/2026"})
+    with pytest.raises(ValueError, match="met"):
+        results.validate({**good, "targets": [dict(what="a", target=">= 1", measured="2", met="yes")]})
+    with pytest.raises(ValueError, match="source"):
+        results.validate({**good, "source": "from memory"})
+
+
+def test_from_summary_keeps_numbers_and_tabulates_scalars():
+    summary = {"job": "bench_x", "accuracy": 0.9912, "steps": 120, "ok": True, "nan": float("nan"),
+               "latency_ms": {"dense": 12.5, "pruned": 7.25, "note": "batch 128"},
+               "widths": [4, 12], "rows": [{"a": 1}], "empty": {}}
+    record = results.from_summary("bench_x", summary, "python -m benchmarks.run --config=x.py --workdir=w",
+                                  machine="test machine", date="2026-12-04")
+    assert record == {
+        "name": "bench_x", "title": "bench_x", "command": "python -m benchmarks.run --config=x.py --workdir=w",
+        "machine": "test machine", "date": "2026-12-04", "source": "measured", "targets": [],
+        "table": ("| figure | value |\n|---|---|\n| accuracy | 0.9912 |\n| steps | 120 |\n"
+                  "| latency_ms.dense | 12.5 |\n| latency_ms.pruned | 7.25 |"),
+        "notes": "",
+        "figures": {"accuracy": 0.9912, "steps": 120, "latency_ms": {"dense": 12.5, "pruned": 7.25},
+                    "widths": [4, 12]},
+    }
+
+
+def test_from_summary_uses_the_benchmarks_own_table_and_files_a_run(tmp_path):
+    summary = {"job": "bench_peer_pruning", "table": "| a | b |\n|---|---|\n| 1 | 2 |", "ratio": 1.5}
+    record = results.from_summary("peer", summary, "cmd", machine="m", date="2026-12-04")
+    assert record["table"] == summary["table"] and record["figures"] == {"ratio": 1.5}
+
+    workdir, out = tmp_path / "run", tmp_path / "results"
+    workdir.mkdir()
+    (workdir / "summary.json").write_text(json.dumps({"accuracy": 0.5}))
+    (workdir / "results.md").write_text("| row | acc |\n|---|---|\n| x | 50% |\n")
+    path = results.file_run("lenet", str(workdir), "python -m benchmarks.run --config=lenet.py", out)
+    filed = results.load_results(out)
+    assert path == out / "lenet.json" and [r["name"] for r in filed] == ["lenet"]
+    assert filed[0]["table"] == "| row | acc |\n|---|---|\n| x | 50% |" and filed[0]["source"] == "measured"
+    assert results.results_name("benchmarks/configs/stamp_cifar10.py:small") == "stamp_cifar10_small"
+    assert results.results_name("benchmarks/configs/lenet5_mnist.py") == "lenet5_mnist"
+
+
+def test_report_output_is_sorted_and_deterministic(tmp_path):
+    base = dict(command="c", machine="m", date="2026-12-04", table="| a |\n|---|\n| 1 |",
+                targets=[dict(what="speed-up", target=">= 2x", measured="1.5x", met=False)])
+    for name, title in (("b_bench", "B bench"), ("a_bench", "A bench")):
+        results.write_result(tmp_path, name=name, title=title, **base)
+    records = results.load_results(tmp_path)
+    md = report.render_results_md(records)
+    assert md.index("## A bench") < md.index("## B bench")
+    assert md == report.render_results_md(list(reversed(records)))
+    block = report.render_readme_block(records)
+    assert block.splitlines()[0] == ("- [A bench](docs/RESULTS.md#a-bench): speed-up: 1.5x (>= 2x: **missed**)")
+    text = f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n"
+    assert report.replace_block(text, block) == f"intro\n{report.BEGIN}\n{block}\n{report.END}\nrest\n"
