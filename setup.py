@@ -23,7 +23,8 @@ EXTRAS = {
     "rl": ["distrax>=0.1.5", "rlax>=0.1.6"],
 }
 EXTRAS["all"] = sorted({d for deps in EXTRAS.values() for d in deps})
-EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8", "pytest-xdist>=3.5"]
+# hypothesis: the property-based config tests (tests/test_schema.py)
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"]
 
 setup(
     name="jaxcompress",

@@ -32,6 +32,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from benchmarks.targets import judge
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIELDS = ("name", "title", "command", "machine", "date", "source", "targets", "table", "notes", "figures")
 TARGET_FIELDS = ("what", "target", "measured", "met")
@@ -135,6 +137,10 @@ def numbers(summary: Mapping) -> dict:
             out[str(k)] = v
         elif isinstance(v, (list, tuple)) and v and all(_number(x) for x in v):
             out[str(k)] = list(v)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, Mapping) for x in v):
+            rows = [numbers(x) for x in v]  # per-row figures (e.g. one row per model)
+            if any(rows):
+                out[str(k)] = rows
         elif isinstance(v, Mapping):
             inner = numbers(v)
             if inner:
@@ -220,14 +226,17 @@ def file_run(name: str, workdir: str, command: str, results_dir: str | os.PathLi
                 with open(os.path.join(workdir, t)) as f:
                     table = f.read()
                 break
+    targets, judged_table = judge(name, summary)
+    table = judged_table or table
     path = Path(results_dir) / f"{name}.json"
     title = None
-    if path.exists():
-        try:
-            title = json.loads(path.read_text()).get("title")
-        except (OSError, ValueError):
-            title = None
-    write_result(path, from_summary(name, summary, command, title=title, table=table,
+    if path.exists():  # the record it replaces is kept under history/ (docs read only the current ones)
+        previous = json.loads(path.read_text())
+        title = previous.get("title")
+        archive = Path(results_dir) / "history" / f"{name}-{previous.get('date', 'undated')}.json"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        archive.write_text(path.read_text())
+    write_result(path, from_summary(name, summary, command, title=title, table=table, targets=targets,
                                     notes=f"Filed by benchmarks.results from {workdir}/summary.json."))
     return path
 

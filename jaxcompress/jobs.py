@@ -7,7 +7,9 @@ import os
 from typing import Callable, Mapping
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.schema import validate
 from jaxcompress.train.metrics import write_json
+from jaxcompress.workdir_lock import workdir_lock
 
 # name -> "module:function"; every function is `f(config, workdir) -> summary dict`
 JOBS = {
@@ -39,7 +41,9 @@ def resolve(target: str) -> Callable:
 
 
 def run(config, workdir: str, jobs: Mapping[str, str] = JOBS, distilling=DISTILLING) -> dict:
-    """Checks the job name, writes `<workdir>/config.json`, runs the job."""
+    """Validates the config against the schema (`jaxcompress.schema`), checks the job
+    name, writes `<workdir>/config.json`, runs the job."""
+    validate(config)  # every field's type and range, before any import, file or compile
     if config.job not in jobs:
         raise ConfigError(f"unknown job '{config.job}'; set --config.job to one of {', '.join(sorted(jobs))}"
                           + ("" if config.job in JOBS or not config.job.startswith("bench")
@@ -50,5 +54,6 @@ def run(config, workdir: str, jobs: Mapping[str, str] = JOBS, distilling=DISTILL
                           f"their reference network); set --config.train.distill_weight=0")
     job = resolve(jobs[config.job])  # before any work: a missing extra fails here
     os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    return job(config, workdir)
+    with workdir_lock(workdir, multihost=config.get("multihost", False)):  # a second live run: one-line refusal
+        write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        return job(config, workdir)

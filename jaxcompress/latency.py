@@ -69,6 +69,30 @@ def _layer_fn(key):
     return lambda: f(x, w)
 
 
+def _body_sha256(body: dict) -> str:
+    """sha256 of the canonical JSON of a table's device, entries and fits (floats
+    round-trip exactly through JSON, so a loaded table hashes to the saved value)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _table_problem(data) -> str | None:
+    """What is wrong with a loaded latency-table file, or None."""
+    if not isinstance(data, dict) or not isinstance(data.get("device"), str):
+        return "no device key"
+    body = {k: data.get(k, {}) for k in ("device", "entries", "fits")}
+    if "sha256" in data and data["sha256"] != _body_sha256(body):
+        return "its sha256 does not match its content"
+    entries, fits = body["entries"], body["fits"]
+    if not isinstance(entries, dict) or not all(
+            isinstance(v, (int, float)) and np.isfinite(v) and v >= 0 for v in entries.values()):
+        return "an entry is not a number of seconds"
+    if not isinstance(fits, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and np.isfinite(x) for x in v)
+            for v in fits.values()):
+        return "a fit is not a (scale, offset) pair"
+    return None
+
+
 @dataclasses.dataclass
 class LatencyTable:
     """Seconds per layer shape, for one device key; persisted as JSON. `fits` keeps the
@@ -82,19 +106,26 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | None = None) -> "LatencyTable":
-        """Loads the cached table; one built on another device or JAX version is
-        discarded (with a message) and rebuilt as needed, never used silently."""
+        """Loads the cached table; one built on another device or JAX version, or one that
+        is corrupt (its sha256 does not match, or it is not a table of finite
+        seconds), is discarded (with a message) and rebuilt as needed, never used silently.
+        A table saved before checksums (no "sha256") is checked for its shape only."""
         path = path or default_cache_path()
         here = device_key()
         if os.path.exists(path):
             try:
                 with open(path) as f:
                     data = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 logging.warning("latency table %s is unreadable (%s); rebuilding it", path, e)
                 return cls(here, path=path)
-            if data.get("device") == here:
-                return cls(here, dict(data.get("entries", {})), path, dict(data.get("fits", {})))
+            problem = _table_problem(data)
+            if problem:
+                logging.warning("latency table %s is corrupt (%s); rebuilding it", path, problem)
+                return cls(here, path=path)
+            if data["device"] == here:
+                return cls(here, dict(data.get("entries", {})), path,
+                           {k: list(v) for k, v in data.get("fits", {}).items()})
             logging.warning("latency table %s was measured on %s, this is %s; rebuilding it",
                             path, data.get("device"), here)
         return cls(here, path=path)
@@ -103,8 +134,9 @@ class LatencyTable:
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             tmp = f"{self.path}.tmp"
+            body = {"device": self.device, "entries": self.entries, "fits": self.fits}
             with open(tmp, "w") as f:
-                json.dump({"device": self.device, "entries": self.entries, "fits": self.fits}, f)
+                json.dump({**body, "sha256": _body_sha256(body)}, f)
             os.replace(tmp, self.path)
 
     def measure(self, keys: Sequence[tuple], rounds: int = 3) -> None:

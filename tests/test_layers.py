@@ -183,7 +183,7 @@ class BatchNormMaskTest(chex.TestCase):
     @parameterized.named_parameters(("train", True), ("eval", False))
     def test_masked_channel_exactly_zero(self, train):
         x, params, stats, mask = self._setup()
-        ours, ref = BatchNorm(use_running_average=not train), nn.BatchNorm(use_running_average=not train,
+        ours, ref = BatchNorm(use_running_average=not train, momentum=0.9), nn.BatchNorm(use_running_average=not train,
                                                                              momentum=0.9, epsilon=1e-5)
         init_vars = ours.init(jax.random.key(0), x)
         np.testing.assert_array_equal(init_vars["masks"]["channel"], np.ones(5))
@@ -208,7 +208,7 @@ class BatchNormMaskTest(chex.TestCase):
     def test_without_masks_equals_plain_batchnorm(self):
         x, params, stats, _ = self._setup()
         for train in (True, False):
-            y = BatchNorm(use_running_average=not train).apply(
+            y = BatchNorm(use_running_average=not train, momentum=0.9).apply(
                 {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
             y_ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5).apply(
                 {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])

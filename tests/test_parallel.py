@@ -119,3 +119,39 @@ def test_eight_devices_match_one_device(parallel_results):
     for col in ("params", "batch_stats"):
         moved = max(np.abs(np.asarray(r1["tree"][k]) - np.asarray(init[k])).max() for k in init if col in k)
         assert moved > 1e-4, col
+
+
+DONATION_SCRIPT = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp
+    from jaxcompress.train.steps import make_mesh, replicated, replicated_copy
+
+    mesh = make_mesh()
+    step = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), out_shardings=replicated(mesh), donate_argnums=0)
+    out = {}
+    for name, place in (("single_device", lambda t: t), ("replicated", lambda t: jax.device_put(t, replicated(mesh)))):
+        held = place({"w": jnp.arange(4.0), "b": jnp.ones(())})
+        aliased = jax.device_put(held, replicated(mesh), may_alias=False)  # what fit did before
+        step(aliased)
+        out[name + "_device_put"] = any(x.is_deleted() for x in jax.tree.leaves(held))
+        held = place({"w": jnp.arange(4.0), "b": jnp.ones(())})
+        new = step(replicated_copy(held, mesh))
+        out[name + "_copy"] = any(x.is_deleted() for x in jax.tree.leaves(held))
+        out[name + "_values"] = jax.device_get(new["w"]).tolist() + jax.device_get(held["w"]).tolist()
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def test_donating_a_replicated_copy_leaves_the_callers_arrays_alive():
+    """`fit` donates its state to the step: on 8 devices `device_put(may_alias=False)` of a
+    single-device array keeps its buffer as the shard on its own device, so the donation
+    deleted the caller's arrays (the quantize job's QAT crash); `replicated_copy` does not."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", DONATION_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    # r["single_device_device_put"] is True with JAX 0.10: the behaviour the copy guards against
+    assert not r["single_device_copy"] and not r["replicated_copy"]
+    for name in ("single_device", "replicated"):
+        assert r[name + "_values"] == [1.0, 2.0, 3.0, 4.0, 0.0, 1.0, 2.0, 3.0]

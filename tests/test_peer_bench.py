@@ -39,7 +39,7 @@ def test_missing_torch_interpreter_is_a_one_line_error_before_any_work(tmp_path,
 def test_launch_exits_2_with_the_install_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "launch.main", "--config=benchmarks/configs/peer_torch_pruning.py",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--config=benchmarks/configs/peer_torch_pruning.py",
                            f"--workdir={tmp_path}", "--config.bench.torch_python=no-such-venv/bin/python"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

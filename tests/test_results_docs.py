@@ -80,7 +80,7 @@ def test_from_summary_keeps_numbers_and_tabulates_scalars():
                   "| latency_ms.dense | 12.5 |\n| latency_ms.pruned | 7.25 |"),
         "notes": "",
         "figures": {"accuracy": 0.9912, "steps": 120, "latency_ms": {"dense": 12.5, "pruned": 7.25},
-                    "widths": [4, 12]},
+                    "widths": [4, 12], "rows": [{"a": 1}]},  # per-row figures kept, not tabulated
     }
 
 
@@ -114,3 +114,31 @@ def test_report_output_is_sorted_and_deterministic(tmp_path):
     assert block.splitlines()[0] == ("- [A bench](docs/RESULTS.md#a-bench): speed-up: 1.5x (>= 2x: **missed**)")
     text = f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n"
     assert report.replace_block(text, block) == f"intro\n{report.BEGIN}\n{block}\n{report.END}\nrest\n"
+
+
+def test_targets_are_judged_from_the_summary_and_a_replaced_record_is_kept(tmp_path):
+    """A filed run carries the targets its judge computes (met and missed alike), and the
+    record it replaces moves to history/."""
+    from benchmarks import targets
+    summary = dict(rows=[dict(model="lenet5", plain_step_ms=10.0, compressed_step_ms=10.5, ratio=1.05,
+                              max_logit_diff=0.0),
+                         dict(model="resnet20", plain_step_ms=100.0, compressed_step_ms=115.0, ratio=1.15,
+                              max_logit_diff=1e-7)])
+    got, table = targets.judge("layer_overhead", summary)
+    assert [(t["measured"], t["met"]) for t in got] == [("1.050x", True), ("1.150x", False)]
+    assert "| LeNet-5 | 10.50 ms | 10.00 ms | 1.050x |" in table
+    assert targets.judge("no_such_benchmark", summary) == ([], None)
+    inc = targets.prune_lenet5_mnist(dict(accuracy_dense=0.9928, accuracy_pruned=0.9912, params_removed=0.907,
+                                          flops_left=0.193, widths_pruned=[4, 12, 60, 42]))[0]
+    assert [t["met"] for t in inc] == [True, True, False] and inc[2]["measured"] == "+0.16"
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "results"
+    first = results.file_run("layer_overhead", str(workdir), "python -m benchmarks.run x", out)
+    record = json.loads(first.read_text())
+    assert [t["met"] for t in record["targets"]] == [True, False] and record["figures"]["rows"][1]["ratio"] == 1.15
+    results.file_run("layer_overhead", str(workdir), "python -m benchmarks.run y", out)
+    history = list((out / "history").glob("layer_overhead-*.json"))
+    assert len(history) == 1 and json.loads(history[0].read_text())["command"] == "python -m benchmarks.run x"

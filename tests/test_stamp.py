@@ -243,3 +243,38 @@ def test_sparsity_objective_by_hand(penalty):
         np.testing.assert_allclose(float(reg), by_hand, rtol=1e-5)
         np.testing.assert_allclose(float(info["expected_fraction"]), frac, rtol=1e-6)
         assert (gap > 0) == (b_value == 0.2)  # both sides of the budget are exercised
+
+
+class NoNormNet(nn.Module):
+    """LeNet-style: no BatchNorm, so no batch_stats collection."""
+    widths: tuple = (6, 8)
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(Conv(self.widths[0], (3, 3))(x))
+        x = nn.relu(Conv(self.widths[1], (3, 3))(x))
+        return Dense(3)(x.mean((1, 2)))
+
+
+def test_bbdropout_trains_a_network_without_batchnorm():
+    """BBDropout (the STAMP baseline) on a network with no batch_stats: the gates and the
+    weights train, E[pi] is one probability per channel, and no batch_stats appear."""
+    import types
+    from jaxcompress.stamp.deploy import train_bbdropout
+    from jaxcompress.train import Recipe
+    model = NoNormNet()
+    table = describe(model, (8, 8, 3))
+    variables = dict(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    assert "batch_stats" not in variables
+    layout = GroupLayout(table, (0, 1))
+    r = np.random.default_rng(0)
+    x = r.integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
+    y = (x[..., 0].mean((1, 2)) > 127).astype(np.int32)
+    exp = types.SimpleNamespace(train=(x, y), mean=np.full(3, 127.0, np.float32), std=np.full(3, 70.0, np.float32))
+    probs, trained = train_bbdropout(exp, layout, variables, SparsityObjective(budget=0.5, num_examples=64),
+                                     Recipe(num_epochs=2, learning_rate=0.05, batch_size=16))
+    assert [p.shape for p in probs] == [(6,), (8,)]
+    assert all(np.all((p > 0) & (p < 1)) for p in probs)
+    assert "batch_stats" not in trained
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), trained["params"], variables["params"])
+    assert max(jax.tree.leaves(moved)) > 0

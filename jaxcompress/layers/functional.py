@@ -86,14 +86,21 @@ def quantize_weight(kernel: jax.Array, bits, w_max=None) -> jax.Array:
     return fake_quant_symmetric(kernel, bits, jax.lax.stop_gradient(w_max))
 
 
-def quantize_activation(x: jax.Array, bits, x_range=None, signed: bool = False) -> jax.Array:
-    """Fake-quantizes an activation tensor with a per-tensor range.
+def quantize_activation(x: jax.Array, bits, x_range=None, signed: bool = False, *,
+                        batch_dims: int | None = None) -> jax.Array:
+    """Fake-quantizes an activation tensor.
 
     `x_range` is the calibrated clip value (max for unsigned inputs, max |x| for
-    signed ones); when None, the batch's own max is used (no gradient through it).
+    signed ones). When None, each example uses its own range: max |x| over the
+    example's elements (no gradient through it), so an example's output never
+    depends on the other examples of its batch. The leading `batch_dims` axes index
+    the examples (default: axis 0 if x has two or more axes; a 1-D x is one example).
     """
     if x_range is None:
-        x_range = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
+        if batch_dims is None:
+            batch_dims = 1 if x.ndim > 1 else 0
+        axes = tuple(range(batch_dims, x.ndim))
+        x_range = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
     if signed:
         return fake_quant_symmetric(x, bits, x_range)
     return fake_quant_unsigned(x, bits, x_range)

@@ -23,7 +23,7 @@ def conv_bn(x, features, kernel, train, *, strides=1, groups=1, act=nn.relu, nam
     streams), so activation quantization uses the signed grid."""
     x = Conv(features, (kernel, kernel), strides=strides, padding="SAME", feature_group_count=groups,
              use_bias=False, kernel_init=conv_init, signed_input=signed_input, name=f"{name}_conv")(x)
-    x = BatchNorm(use_running_average=not train, name=f"{name}_bn")(x)
+    x = BatchNorm(use_running_average=not train, momentum=0.9, name=f"{name}_bn")(x)  # zoo: 0.9, not Flax's 0.99
     return x if act is None else act(x)
 
 

@@ -84,4 +84,9 @@ def create_model(name: str, num_classes: int, width_multiplier: float = 1.0,
         widths = scale_widths(spec.default_widths, width_multiplier, spec.width_divisor)
     elif len(widths) != len(spec.default_widths):
         raise ValueError(f"model '{name}' takes {len(spec.default_widths)} widths, got {len(widths)}")
-    return spec.build(tuple(int(w) for w in widths), num_classes)
+    bad = [w for w in widths if int(w) != w or int(w) < 1]
+    if bad:
+        raise ValueError(f"model '{name}': widths must be positive integers, got {bad[0]!r} in {tuple(widths)}")
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"model '{name}': num_classes must be a positive integer, got {num_classes!r}")
+    return spec.build(tuple(int(w) for w in widths), int(num_classes))

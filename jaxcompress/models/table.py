@@ -3,16 +3,24 @@
 Hand-written (no library does this). Every zoo model is a function of a flat
 `widths` tuple, one entry per channel group (see `jaxcompress.models.common`). To
 find the groups we build the model abstractly (`jax.eval_shape`, no FLOPs, no
-memory) with every width replaced by a distinct prime above 1000. An axis of size
-p_g belongs to group g; an axis of size p_g * r (r < 1000) is group g repeated r
-times, which is how a conv map of r = H*W positions flattened into a Dense layer
-looks (NHWC flattening: row s * C + c). Other sizes are fixed (image channels,
-classes, kernel taps). This works for any model that follows the widths rule,
-including users' own, and is checked by surgery tests on the whole zoo.
+memory) twice, with every width replaced by a distinct prime above 1000, a
+different prime in each probe. A size equal in both probes is fixed (image
+channels, classes, kernel taps), even when it happens to be a multiple of a probe
+prime (2,018 classes). A size of p_g * r in both probes (same g, same r < 1000)
+is group g repeated r times, which is how a conv map of r = H*W positions
+flattened into a Dense layer looks (NHWC flattening: row s * C + c). This works
+for any model that follows the widths rule, including users' own, and is checked
+by surgery tests on the whole zoo.
+
+What `describe` cannot prove correct it refuses with one line naming the layer
+(`UnsupportedModelError`): a concatenation of channel groups, a width derived from
+another (`4 * w`), a norm, attention or embedding layer or a plain Flax
+`Conv`/`Dense` over a channel group, grouped convolutions, 1-D/3-D convolutions.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Mapping
 
 import flax.linen as nn
@@ -21,9 +29,37 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxcompress.layers import Conv, Dense
+from jaxcompress.layers import BatchNorm, Conv, Dense, InformationDropout
 
 _MAX_REPEAT = 1000
+_PROBE_START = 1000
+
+
+class UnsupportedModelError(ValueError):
+    """`describe` met a structure it cannot describe exactly (one line: layer and reason)."""
+
+
+# Flax layers that mix or own channels: over a channel group they would make the
+# masked network differ from the shrunk one (or go uncounted), so `describe` refuses
+# them there. {class name: what to do instead}.
+_PLAIN_LAYERS = {
+    "Conv": "use jaxcompress.layers.Conv (same arguments)",
+    "Dense": "use jaxcompress.layers.Dense (same arguments)",
+    "BatchNorm": "use jaxcompress.layers.BatchNorm (same arguments)",
+    "DenseGeneral": "plain DenseGeneral layers are not supported yet",
+    "Einsum": "plain Einsum layers are not supported yet",
+    "ConvTranspose": "transposed convolutions are not supported yet",
+    "ConvLocal": "locally connected convolutions are not supported yet",
+    "Embed": "embeddings over a channel group are not supported yet",
+    "MultiHeadDotProductAttention": "attention over a channel group is not supported yet",
+    "LayerNorm": "pruned channels would enter its statistics; norms over a channel group are not supported yet",
+    "RMSNorm": "pruned channels would enter its statistics; norms over a channel group are not supported yet",
+    "GroupNorm": "pruned channels would enter its statistics; norms over a channel group are not supported yet",
+    "InstanceNorm": "pruned channels would enter its statistics; norms over a channel group are not supported yet",
+    "SpectralNorm": "weight normalisations over a channel group are not supported yet",
+    "WeightNorm": "weight normalisations over a channel group are not supported yet",
+}
+_PLAIN_CLASSES = tuple(getattr(nn, n) for n in _PLAIN_LAYERS if hasattr(nn, n))
 
 
 def _primes_above(start: int, count: int) -> tuple[int, ...]:
@@ -94,9 +130,23 @@ class ModelTable:
         return tuple(p for p, ax in self.axes.get("masks", {}).items()
                      if p[-1] == "channel" and ax[0] == AxisGroup(group))
 
+    def _flat_masks(self, masks: Mapping) -> dict:
+        """The flattened `masks` collection; a missing channel leaf is a one-line error."""
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"masks must be the `masks` collection (a mapping of layer paths), "
+                             f"got {type(masks).__name__}")
+        flat = traverse_util.flatten_dict(dict(masks))
+        for g in range(self.num_groups):
+            for p in self.mask_paths(g):
+                if p not in flat:
+                    raise ValueError(f"masks has no '{'/'.join(p)}' leaf (channel group {g}, "
+                                     f"{self.group_names[g]}): pass the whole `masks` collection of "
+                                     f"this model (model.init creates it)")
+        return flat
+
     def group_masks(self, masks: Mapping) -> list[jax.Array]:
         """One channel mask per group, read from the first member of each group."""
-        flat = traverse_util.flatten_dict(dict(masks))
+        flat = self._flat_masks(masks)
         out = []
         for g in range(self.num_groups):
             paths = self.mask_paths(g)
@@ -106,22 +156,34 @@ class ModelTable:
     def layer_masks(self, group_masks, masks: Mapping | None = None) -> dict:
         """Writes one mask per group into every member's `channel` leaf.
 
-        `masks` (optional) supplies the other leaves (element masks) to keep.
+        `group_masks`: exactly one mask of shape (widths[g],) per group g, in
+        `group_names` order. `masks` (optional) supplies the other leaves (element
+        masks) to keep.
         """
+        if isinstance(group_masks, Mapping) or not hasattr(group_masks, "__len__"):
+            raise ValueError(f"layer_masks takes a list of {self.num_groups} group masks (one per channel "
+                             f"group, in table.group_names order), got {type(group_masks).__name__}")
+        if len(group_masks) != self.num_groups:
+            raise ValueError(f"layer_masks got {len(group_masks)} group masks for {self.num_groups} channel "
+                             f"groups ({', '.join(self.group_names)}): pass exactly one mask per group, "
+                             f"in table.group_names order")
         flat = traverse_util.flatten_dict(dict(masks)) if masks is not None else {}
         for g, gm in enumerate(group_masks):
-            if gm.shape != (self.widths[g],):
-                raise ValueError(f"group {g} ({self.group_names[g]}): mask shape {gm.shape} "
-                                 f"!= ({self.widths[g]},)")
+            shape = tuple(np.shape(gm))
+            if shape != (self.widths[g],):
+                raise ValueError(f"group {g} ({self.group_names[g]}): mask shape {shape} "
+                                 f"!= ({self.widths[g]},); give each group one mask of its width")
             for p in self.mask_paths(g):
                 flat[p] = jnp.asarray(gm, jnp.float32)
         return traverse_util.unflatten_dict(flat)
 
     def check_masks_consistent(self, masks: Mapping) -> None:
         """Raises ValueError naming the first group whose members disagree."""
-        flat = traverse_util.flatten_dict(dict(masks))
+        flat = self._flat_masks(masks)
         for g in range(self.num_groups):
             paths = self.mask_paths(g)
+            if not paths:
+                continue
             ref = np.asarray(flat[paths[0]])
             for p in paths[1:]:
                 if not np.array_equal(np.asarray(flat[p]), ref):
@@ -153,49 +215,195 @@ class ModelTable:
         )
 
 
-def _axis_group(size: int, primes: tuple[int, ...]) -> AxisGroup | None:
-    for g, p in enumerate(primes):
-        if size % p == 0 and size // p < _MAX_REPEAT:
-            return AxisGroup(g, size // p)
+def _axis_group(size_a: int, size_b: int, primes_a, primes_b) -> AxisGroup | None | bool:
+    """Axis sizes in the two probes -> None (fixed), an `AxisGroup`, or False when the
+    size depends on the widths in a way that is not one group (repeated)."""
+    if size_a == size_b:
+        return None
+    for g, (pa, pb) in enumerate(zip(primes_a, primes_b)):
+        if size_a % pa == 0 and size_b % pb == 0 and size_a // pa == size_b // pb < _MAX_REPEAT:
+            return AxisGroup(g, size_a // pa)
+    return False
+
+
+def _sum_of_groups(size_a: int, size_b: int, primes_a, primes_b, names) -> str | None:
+    """Names the channel groups (and fixed channels) that a size is the concatenation of,
+    trying up to three groups; None if it is not such a sum."""
+    n = len(primes_a)
+    for k in (1, 2, 3):
+        for combo in itertools.combinations_with_replacement(range(n), k):
+            fixed = size_a - sum(primes_a[g] for g in combo)
+            if fixed < 0 or size_b - sum(primes_b[g] for g in combo) != fixed or (k == 1 and fixed == 0):
+                continue
+            parts = [f"group {g} ({names[g]})" for g in combo] + ([f"{fixed} fixed channels"] if fixed else [])
+            return " + ".join(parts)
     return None
 
 
-def describe(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTable:
-    """Builds the `ModelTable` of `model` for inputs of shape `input_shape` (H, W, C)."""
-    widths = tuple(int(w) for w in model.widths)
-    primes = _primes_above(1000, len(widths))
-    probe = model.clone(widths=primes)
-    calls: dict[str, tuple] = {}
+def _shapes(tree) -> list[tuple[int, ...]]:
+    return [tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+
+
+def _probe(model: nn.Module, widths: tuple[int, ...], input_shape) -> tuple[list, dict]:
+    """Abstract init of `model` at `widths`: every module call (module, input shapes,
+    output shapes) in call order, and the variables' shapes."""
+    probe = model.clone(widths=widths)
+    calls = []
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, (Conv, Dense)):
-            calls["/".join(mod.path)] = (mod, args[0].shape, out.shape)
+        if context.method_name == "__call__":
+            calls.append((context.module, _shapes((args, kwargs)), _shapes(out)))
         return out
 
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    with nn.intercept_methods(record):
-        variables = jax.eval_shape(lambda: probe.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
-    layers = []
-    for path, (mod, in_shape, out_shape) in calls.items():
-        in_ag, out_ag = _axis_group(in_shape[-1], primes), _axis_group(out_shape[-1], primes)
+    try:
+        with nn.intercept_methods(record):
+            variables = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x, train=False), x)
+    except Exception as e:  # one line: the model's own error, at probe widths
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UnsupportedModelError(
+            f"describe: {type(model).__name__} does not build at the probe widths (distinct primes above "
+            f"{_PROBE_START}): {first}; a described model must build at any widths (grouped convolutions "
+            f"over a channel group, or widths that must divide by a constant, are not supported yet)") from e
+    return calls, variables
+
+
+def _group_names(calls, primes_a, primes_b) -> list[str]:
+    """Each group named after its first producing drop-in (for error messages)."""
+    names = [f"group{g}" for g in range(len(primes_a))]
+    seen = set()
+    for (mod, _, out_a), (_, _, out_b) in calls:
+        if isinstance(mod, (Conv, Dense)) and out_a and out_b:
+            ag = _axis_group(out_a[0][-1], out_b[0][-1], primes_a, primes_b)
+            if isinstance(ag, AxisGroup) and ag.group not in seen:
+                seen.add(ag.group)
+                names[ag.group] = "/".join(mod.path)
+    return names
+
+
+def _refuse(path: str, reason: str):
+    raise UnsupportedModelError(f"describe: layer '{path or '<model>'}': {reason}")
+
+
+def _channel_axis(path, what, size_a, size_b, primes_a, primes_b, names, *, allow_repeat: bool):
+    """The group of a layer's input or output channel axis, or a one-line refusal."""
+    ag = _axis_group(size_a, size_b, primes_a, primes_b)
+    if ag is False:
+        parts = _sum_of_groups(size_a, size_b, primes_a, primes_b, names)
+        if parts is not None:
+            _refuse(path, f"its {what} is the concatenation of {parts}; concatenation of channel groups is "
+                          f"not supported yet (give the concatenated tensor a layer of its own width)")
+        _refuse(path, f"its {what} size ({size_a} at probe widths) is derived from the widths in a way "
+                      f"describe cannot follow (e.g. w // 2, w + 1); derived widths are not supported yet: "
+                      f"give every such size its own entry in widths")
+    if isinstance(ag, AxisGroup) and ag.repeat > 1 and not allow_repeat:
+        _refuse(path, f"its {what} size is {ag.repeat} x widths[{ag.group}] ({names[ag.group]}), a derived "
+                      f"width; derived widths are not supported yet: give this size its own entry in widths")
+    return ag
+
+
+def _check_plain(mod, in_a, in_b, out_a, out_b, names):
+    """Refuses a plain Flax layer that touches a channel group (an axis whose size
+    differs between the probes)."""
+    if isinstance(mod, (Conv, Dense, BatchNorm)) or isinstance(mod.parent, InformationDropout):
+        return  # our drop-ins; InformationDropout's alpha head multiplies a masked output
+    kind = next(n for n in _PLAIN_LAYERS if getattr(nn, n, None) is not None and isinstance(mod, getattr(nn, n)))
+    for sa, sb in zip(in_a + out_a, in_b + out_b):
+        for da, db in zip(sa, sb):
+            if da != db:
+                _refuse("/".join(mod.path), f"a plain flax.linen.{kind} over a channel group "
+                                            f"({da} channels at probe widths): {_PLAIN_LAYERS[kind]}")
+
+
+def _spatial(value, n: int, default: int = 1) -> tuple[int, ...]:
+    value = default if value is None else value
+    return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def describe(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTable:
+    """Builds the `ModelTable` of `model` for inputs of shape `input_shape` (H, W, C).
+
+    Raises `UnsupportedModelError` (one line naming the layer) for structures whose
+    table would be wrong (see the module doc).
+    """
+    if not hasattr(model, "widths"):
+        raise UnsupportedModelError(f"describe: {type(model).__name__} has no `widths` field; a described "
+                                    f"model is built from a widths tuple, one entry per channel group")
+    widths = tuple(int(w) for w in model.widths)
+    primes = _primes_above(_PROBE_START, 2 * len(widths))
+    primes_a, primes_b = primes[:len(widths)], primes[len(widths):]
+    calls_a, variables = _probe(model, primes_a, input_shape)
+    calls_b, variables_b = _probe(model, primes_b, input_shape)
+    flat_vars = {col: traverse_util.flatten_dict(tree) for col, tree in variables.items()}
+    flat_vars_b = {col: traverse_util.flatten_dict(tree) for col, tree in variables_b.items()}
+    same_structure = (len(calls_a) == len(calls_b) and all(
+        a[0].path == b[0].path and type(a[0]) is type(b[0]) and len(a[1]) == len(b[1]) and len(a[2]) == len(b[2])
+        for a, b in zip(calls_a, calls_b)) and {c: set(t) for c, t in flat_vars.items()}
+        == {c: set(t) for c, t in flat_vars_b.items()})
+    if not same_structure:
+        raise UnsupportedModelError(f"describe: the layers of {type(model).__name__} change with the widths "
+                                    f"(not only their sizes); a described model must have the same layers at "
+                                    f"every width")
+    names = _group_names(list(zip(calls_a, calls_b)), primes_a, primes_b)
+
+    layers: dict[str, LayerInfo] = {}
+    for (mod, in_a, out_a), (_, in_b, out_b) in zip(calls_a, calls_b):
+        path = "/".join(mod.path)
+        if isinstance(mod, _PLAIN_CLASSES):
+            _check_plain(mod, in_a, in_b, out_a, out_b, names)
+        if isinstance(mod, BatchNorm):
+            for axis in ((mod.axis,) if isinstance(mod.axis, int) else mod.axis):
+                _channel_axis(path, "input", in_a[0][axis], in_b[0][axis], primes_a, primes_b, names,
+                              allow_repeat=True)
+        if not isinstance(mod, (Conv, Dense)) or path in layers:
+            continue
+        in_ag = _channel_axis(path, "input", in_a[0][-1], in_b[0][-1], primes_a, primes_b, names,
+                              allow_repeat=True)
+        out_ag = _channel_axis(path, "output", out_a[0][-1], out_b[0][-1], primes_a, primes_b, names,
+                               allow_repeat=False)
+        in_shape, out_shape = in_a[0], out_a[0]
         is_conv = isinstance(mod, Conv)
-        layers.append(LayerInfo(
-            path=path, kind="conv" if is_conv else "dense",
-            kernel_size=tuple(mod.kernel_size) if is_conv else (1, 1),
-            strides=((mod.strides,) * 2 if isinstance(mod.strides, int) else tuple(mod.strides))
-            if is_conv else (1, 1),
-            out_hw=tuple(out_shape[1:3]) if is_conv else (1, 1),
+        depthwise = False
+        if is_conv:
+            kernel_size = _spatial(mod.kernel_size, 1)
+            if len(kernel_size) != 2:
+                _refuse(path, f"a {len(kernel_size)}-D convolution; layer tables (cost, surgery, pruning) "
+                              f"support 2-D convolutions and Dense layers only so far")
+            groups, cin, cout = mod.feature_group_count, in_shape[-1], out_shape[-1]
+            depthwise = groups > 1 and groups == cin
+            if groups > 1 and not (depthwise and (cout == cin or (in_ag is None and out_ag is None))):
+                _refuse(path, f"a grouped convolution (feature_group_count={groups}, {cin} -> {cout} channels "
+                              f"at probe widths); only depthwise convolutions (groups = input channels = "
+                              f"output channels) are supported so far")
+            strides = _spatial(mod.strides, 2)
+            out_hw = tuple(out_shape[1:3])
+        else:
+            kernel_size, strides = (1, 1), (1, 1)
+            middle = tuple(out_shape[1:-1])  # positions a Dense is applied at (tokens, pixels)
+            out_hw = middle if len(middle) == 2 else (int(np.prod(middle, dtype=np.int64)), 1)
+        layers[path] = LayerInfo(
+            path=path, kind="conv" if is_conv else "dense", kernel_size=kernel_size, strides=strides,
+            out_hw=out_hw,
             in_group=in_ag.group if in_ag else -1, in_repeat=in_ag.repeat if in_ag else 1,
             in_fixed=0 if in_ag else in_shape[-1],
             out_group=out_ag.group if out_ag else -1, out_fixed=0 if out_ag else out_shape[-1],
-            depthwise=is_conv and mod.feature_group_count > 1 and mod.feature_group_count == in_shape[-1],
-            use_bias=mod.use_bias))
-    axes = {col: {p: tuple(_axis_group(s, primes) for s in leaf.shape)
-                  for p, leaf in traverse_util.flatten_dict(tree).items()}
-            for col, tree in variables.items()}
+            depthwise=depthwise, use_bias=mod.use_bias)
+
+    axes = {}
+    for col, flat in flat_vars.items():
+        axes[col] = {}
+        for p, leaf in flat.items():
+            leaf_b = flat_vars_b[col][p]
+            if leaf.ndim != leaf_b.ndim:
+                _refuse("/".join(p[:-1]), f"variable {col}/{'/'.join(p)} changes rank with the widths")
+            ags = tuple(_axis_group(a, b, primes_a, primes_b) for a, b in zip(leaf.shape, leaf_b.shape))
+            if any(ag is False for ag in ags):
+                _refuse("/".join(p[:-1]), f"variable {col}/{'/'.join(p)} has shape {leaf.shape} at probe widths, "
+                                          f"not made of single channel groups (a concatenation or a derived "
+                                          f"width); this is not supported yet")
+            axes[col][p] = ags
     norm_groups = tuple(("/".join(p[:-1]), ax[0].group) for p, ax in axes.get("params", {}).items()
                         if p[-1] == "scale" and ax[0] is not None)
     return ModelTable(model=model, input_shape=tuple(input_shape), widths=widths,
-                      layers=tuple(layers), norm_groups=norm_groups, axes=axes)
+                      layers=tuple(layers.values()), norm_groups=norm_groups, axes=axes)

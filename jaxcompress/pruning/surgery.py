@@ -53,9 +53,13 @@ def shrink(table: ModelTable, variables: Mapping) -> tuple[nn.Module, dict]:
     `variables` holds `params` (and optionally `batch_stats`, `masks`, `quant`);
     outputs of the result equal the masked network's outputs.
     """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("shrink takes the model's variables ({'params': ..., 'masks': ..., ...}), "
+                         f"got {type(variables).__name__} without a 'params' collection")
     masks = variables.get("masks")
     if masks is None:
         return table.model, dict(variables)
+    _check_shapes(table, variables)
     kept = kept_indices(table, masks)
     new_model = table.model.clone(widths=tuple(int(k.size) for k in kept))
     out = {}
@@ -74,6 +78,26 @@ def shrink(table: ModelTable, variables: Mapping) -> tuple[nn.Module, dict]:
             flat[path] = jnp.asarray(leaf)
         out[col] = traverse_util.unflatten_dict(flat)
     return new_model, out
+
+
+def _check_shapes(table: ModelTable, variables: Mapping) -> None:
+    """One-line error when `variables` are not the variables of `table.model`."""
+    for col, tree in variables.items():
+        if col == "quant":
+            continue
+        axes = dict(table.axes.get(col, {}))
+        if col == "masks":  # element masks have their kernel's axes
+            axes.update({p: ax for p, ax in table.axes["params"].items() if p[-1] == "kernel"})
+        for path, leaf in traverse_util.flatten_dict(dict(tree)).items():
+            if path not in axes:
+                continue  # passed through unchanged by shrink
+            for axis, (n, ag) in enumerate(zip(np.shape(leaf), axes[path])):
+                if ag is not None and n != table.widths[ag.group] * ag.repeat:
+                    raise ValueError(
+                        f"shrink: {col}/{'/'.join(path)} has {n} entries on axis {axis} where the table "
+                        f"expects {table.widths[ag.group] * ag.repeat} (channel group {ag.group} "
+                        f"({table.group_names[ag.group]})); these variables belong to a model of other widths: "
+                        f"describe that model")
 
 
 def _freeze_weight_scales(table: ModelTable, variables: Mapping, kept) -> dict:

@@ -70,7 +70,7 @@ from jaxcompress.layers.information_dropout import (ALPHA_MAX, ALPHA_MIN, inform
                                                     information_dropout_kl_relu)
 from jaxcompress.models.table import LayerInfo, ModelTable
 from jaxcompress.pruning import align
-from jaxcompress.train.steps import cross_entropy, jit_data_parallel, make_mesh, replicated
+from jaxcompress.train.steps import cross_entropy, jit_data_parallel, make_mesh, replicated_copy
 
 SPATIAL, CHANNEL = "spatial", "channel"
 
@@ -311,7 +311,7 @@ def fit_variational(table: ModelTable, variables: Mapping, train_iter: Iterator,
         state = state.replace(kl_weight=jnp.asarray(float(beta) / n, jnp.float32))
     # A copy (the step donates its input), placed as the step's outputs are, so that the
     # second step does not recompile for a different input sharding.
-    state = jax.device_put(state, replicated(mesh), may_alias=False)
+    state = replicated_copy(state, mesh)
     history = []
     step_fn = _jitted_step(mean, std, alpha_max, alpha_min, mesh)
     with trange(num_steps, desc="variational pruning", disable=not progress, leave=False) as bar:

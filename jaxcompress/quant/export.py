@@ -11,7 +11,11 @@ File format (`jaxcompress.packed/1`): an uncompressed `.npz` with two arrays,
 * `meta` (uint8, UTF-8 JSON): the zoo model name, its widths (so the loader
   rebuilds the shrunk network), input shape and normalisation, the weight
   quantizer, per layer its shape, bit widths, storage format and the offsets of
-  its segments in `payload`.
+  its segments in `payload`, the sha256 of `payload` (`payload_sha256`) and of the
+  metadata itself (`meta_sha256`, of its canonical JSON without that key).
+
+`read_packed` verifies both checksums (and the zip's CRCs): a damaged file is one
+`PackedFileError` line; a file written before checksums loads unchecked.
 
 So `file size = payload bytes (== accounting) + meta bytes + npz/npy headers`, and
 `load_packed` returns `(model, variables)` whose outputs equal the fake-quantized
@@ -21,6 +25,7 @@ packs mixed bit widths with relative indices.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Mapping
@@ -36,6 +41,15 @@ from jaxcompress.quant import pack, size
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer, decode_weight, encode_weight
 
 EXPORT_FORMAT = "jaxcompress.packed/1"
+
+
+class PackedFileError(ValueError):
+    """A packed file that cannot be read back as written (corrupt, truncated, not one)."""
+
+
+def _meta_sha256(meta: Mapping) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 # One compiled program per layer shape (instead of one per primitive and shape, eagerly).
 _encode = jax.jit(encode_weight, static_argnames=("quantizer",))
@@ -210,7 +224,9 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
                 widths=[int(w) for w in table.widths], input_shape=[int(s) for s in table.input_shape],
                 input_mean=None if input_mean is None else np.asarray(input_mean, np.float64).tolist(),
                 input_std=None if input_std is None else np.asarray(input_std, np.float64).tolist(),
-                weight_quantizer=quantizer.to_dict(), layers=records, norms=norms, payload_bytes=int(data.size))
+                weight_quantizer=quantizer.to_dict(), layers=records, norms=norms, payload_bytes=int(data.size),
+                payload_sha256=hashlib.sha256(data.tobytes()).hexdigest())
+    meta["meta_sha256"] = _meta_sha256(meta)
     meta_bytes = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
@@ -224,13 +240,27 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
 # ------------------------------------------------------------------------------------------------
 
 def read_packed(path: str) -> tuple[np.ndarray, dict]:
-    """(payload, meta) of a packed file."""
-    with np.load(path, allow_pickle=False) as z:
-        if "payload" not in z or "meta" not in z:
-            raise ValueError(f"{path} is not a jaxcompress packed file (needs 'payload' and 'meta')")
-        payload, meta = np.asarray(z["payload"]), json.loads(bytes(np.asarray(z["meta"])).decode())
+    """(payload, meta) of a packed file, its checksums verified (module docstring)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "payload" not in z or "meta" not in z:
+                raise PackedFileError(f"{path} is not a jaxcompress packed file (needs 'payload' and 'meta')")
+            payload, meta = np.asarray(z["payload"]), json.loads(bytes(np.asarray(z["meta"])).decode())
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except PackedFileError:
+        raise
+    except Exception as e:  # zipfile, numpy's header parser and json fail in many ways on damaged bytes
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise PackedFileError(f"cannot read the packed file {path} ({type(e).__name__}: {first}); it is corrupt "
+                              f"or not a packed file: export it again") from None
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: unknown format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
+        raise PackedFileError(f"{path}: unknown format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
+        raise PackedFileError(f"{path} is corrupt: its metadata does not match its sha256; export it again")
+    if "payload_sha256" in meta and (payload.dtype != np.uint8 or payload.ndim != 1
+                                     or hashlib.sha256(payload.tobytes()).hexdigest() != meta["payload_sha256"]):
+        raise PackedFileError(f"{path} is corrupt: its payload does not match its sha256; export it again")
     return payload, meta
 
 

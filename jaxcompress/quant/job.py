@@ -328,15 +328,19 @@ def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *
     "agreement": `compare_outputs`', "outputs_match", "payload_equals_accounting",
     "accuracy": the loaded network's test accuracy, "model": the loaded model,
     "export_time_s"}."""
-    accounting = cost.summarize(exp.table, state.masks or None, state.quant, quantizer=quantizer,
+    # Host copies: `state` may be replicated over a mesh (after `fit`), and the program XLA
+    # compiles for 8 devices can round an activation code differently from the one-device
+    # program the loaded network runs; both sides of the check run on one device.
+    variables = jax.device_get(state.variables())
+    accounting = cost.summarize(exp.table, variables.get("masks"), variables.get("quant"), quantizer=quantizer,
                                 index_bits=index_bits)
     start = time.time()
-    exported = export_packed(path, exp.table, state.variables(), model_name=model_name,
+    exported = export_packed(path, exp.table, variables, model_name=model_name,
                              num_classes=exp.num_classes, quantizer=quantizer, index_bits=index_bits,
                              input_mean=exp.mean, input_std=exp.std)
     export_time = time.time() - start
     loaded_model, loaded_vars, _ = load_packed(path)
-    folded = fold_batchnorm(state.variables(), norm_epsilons(exp.model, exp.input_shape))
+    folded = fold_batchnorm(variables, norm_epsilons(exp.model, exp.input_shape))
     x_check = jnp.asarray(normalize(exp.test[0][:verify_batch], exp.mean, exp.std))
     agreement = compare_outputs(state.apply_fn, folded, loaded_model.apply, loaded_vars, x_check)
     accuracy = evaluate(_eval_state(loaded_model, loaded_vars, exp.input_shape, seed), exp.test)["accuracy"]

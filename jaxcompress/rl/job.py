@@ -239,7 +239,8 @@ def search(config, workdir: str) -> dict:
 
     stage2, res2, qenv = None, None, None
     if s.quant.episodes > 0:
-        stage2, res2, qenv = search_bits(config, small_exp, small_state, workdir)
+        stage2, res2, qenv = search_bits(config, small_exp, small_state, cost.summarize(table)["totals"]["bytes"],
+                                         workdir)
     write_reports(workdir, config.model.name, s, env, table, small_exp, stage1, res1, res2, qenv)
     dense_cost = cost.summarize(table)["totals"]
     summary = dict(
@@ -291,7 +292,7 @@ def stage1_summary(s, env, exp, masked, small_exp, small_state, res1, dense: dic
         episodes_per_s=len(h1["reward"]) / max(res1.wall_time_s - res1.compile_time_s, 1e-9))
 
 
-def search_bits(config, small_exp, small_state, workdir: str):
+def search_bits(config, small_exp, small_state, dense_bytes: float, workdir: str):
     """Stage 2: weight bits per layer of the pruned network under the average-bits
     budget, the policy written to `bits_policy.json`, then QAT and packed export
     (`quant.job.quantize_network`). Returns (stage-2 summary, search result, env)."""
@@ -323,6 +324,7 @@ def search_bits(config, small_exp, small_state, workdir: str):
                   bits=bits, avg_bits=float(best["cost"]) / float(qenv.weights.sum()), best_reward=best["reward"],
                   best_val_accuracy_search=best["accuracy"],
                   accuracy_qat=qat["accuracy_exported"] if qat else None, bytes=qbytes, qat=qat,
+                  bytes_dense_float32=dense_bytes, compression=dense_bytes / qbytes,
                   search_time_s=res2.wall_time_s, compile_time_s=res2.compile_time_s)
     return stage2, res2, qenv
 

@@ -37,15 +37,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import struct
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, NonFiniteError
+from jaxcompress.train.steps import all_finite
 
 REWARDS = ("acc", "flops", "log_flops")
 COST_NORMS = ("bounds", "observed")
 
 
-class SearchDiverged(ConfigError):
-    """A reward or loss became NaN / infinite. A `ConfigError` so that `launch.main`
-    reports it in one line (the usual cause is a learning rate or reward scale)."""
+class SearchDiverged(NonFiniteError):
+    """A reward, an agent loss or the agent's state became NaN / infinite. A
+    `ConfigError` so that `launch.main` reports it in one line (the usual cause is a
+    learning rate or reward scale)."""
 
 
 class SearchState(struct.PyTreeNode):
@@ -176,8 +178,7 @@ def make_iteration(env, agent, evaluate: Callable, reward_fn: Callable, num_acto
                        values=res["values"], actions=res["actions"])
         if "params" in res:
             records["params"] = res["params"]
-        finite = jnp.all(jnp.isfinite(reward)) & jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(m)) for m in jax.tree.leaves(metrics)]))
+        finite = all_finite((reward, metrics)) & all_finite(agent_state)
         return state, records, metrics, finite
 
     return iteration
@@ -274,6 +275,18 @@ def _compiled_iteration(spec: IterationSpec, state, data):
     return compile_iteration(spec, arguments), time.time() - start
 
 
+def on_one_device(tree):
+    """`tree` with every array that spans several devices (e.g. a network `fit` left
+    replicated over the mesh) reduced to its copy on the default device: the search is one
+    program on one device, compiled for single-device arguments."""
+    device = jax.devices()[0]
+
+    def one(x):
+        return jax.device_put(x, device) if isinstance(x, jax.Array) and len(x.devices()) > 1 else x
+
+    return jax.tree.map(one, tree)
+
+
 def _to_lists(tree) -> dict:
     return {k: np.asarray(v).tolist() for k, v in tree.items()}
 
@@ -295,22 +308,46 @@ def run_search(env, agent, evaluate: Callable, reward_fn: Callable, data, *, num
     state = init_search_state(env, agent, seed)
     history: dict = {"metrics": []}
     ckpt = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
+    try:
+        state, history, start, compile_time = _search_iterations(
+            ckpt, checkpoint_dir, state, history, IterationSpec(env, agent, evaluate, reward_fn, num_actors), data,
+            num_actors, iterations, checkpoint_every, log_every, name)
+    except BaseException:  # divergence, Ctrl-C, ...: finish Orbax's work; the checkpoints on disk stand
+        if ckpt is not None:
+            try:
+                ckpt.close()
+            except Exception as e:  # already failing: that error is the one to report
+                logging.debug("closing %s: %s", checkpoint_dir, e)
+        raise
+    if ckpt is not None:
+        ckpt.close()
+    return SearchResult(state=state, history=history, wall_time_s=time.time() - start, compile_time_s=compile_time)
+
+
+def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec, data, num_actors, iterations,
+                       checkpoint_every, log_every, name):
+    """`run_search`'s loop (resume, iterations, logs, checkpoints) with its checkpointer open.
+    Returns (state, history, start time, compile seconds)."""
     if ckpt is not None and ckpt.latest() is not None:
         state, history = ckpt.restore(state)
         logging.info("%s: resumed at episode %d from %s", name, int(state.episode), checkpoint_dir)
+    last_saved = ckpt.latest() if ckpt is not None else None
     state = jax.tree.map(jnp.array, state)  # fresh buffers: targets start as copies, and the step donates
+    data = on_one_device(data)
     start = time.time()
-    compiled, compile_time = _compiled_iteration(IterationSpec(env, agent, evaluate, reward_fn, num_actors),
-                                                 state, data)
+    compiled, compile_time = _compiled_iteration(spec, state, data)
     done = int(state.episode) // num_actors
     for it in range(done, iterations):
         state, records, metrics, finite = compiled(state, data)
         records, metrics, finite = jax.device_get((records, metrics, finite))
         first = it * num_actors + 1
-        if not finite:
+        if not finite:  # checked before anything of this iteration is kept or saved
             bad = [k for k, v in {**metrics, "reward": records["reward"]}.items() if not np.all(np.isfinite(v))]
-            raise SearchDiverged(f"{name}: non-finite {', '.join(bad)} in episodes {first}..{first + num_actors - 1}"
-                                 f" (iteration {it + 1}); lower the agent's learning rates or check the reward")
+            kept = (f"the last good checkpoint (iteration {last_saved}) in {checkpoint_dir} is kept"
+                    if last_saved is not None else "no checkpoint was saved")
+            raise SearchDiverged(f"{name}: non-finite {', '.join(bad) or 'agent parameters'} in episodes {first}.."
+                                 f"{first + num_actors - 1} (iteration {it + 1} of {iterations}); {kept}; lower the "
+                                 f"agent's learning rates or check the reward")
         for k, v in _to_lists(records).items():
             history.setdefault(k, []).extend(v)
         history["metrics"].append({k: float(v) for k, v in metrics.items()})
@@ -321,6 +358,5 @@ def run_search(env, agent, evaluate: Callable, reward_fn: Callable, data, *, num
                          float(state.best_accuracy))
         if ckpt is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
             ckpt.save(it + 1, state, history)
-    if ckpt is not None:
-        ckpt.close()
-    return SearchResult(state=state, history=history, wall_time_s=time.time() - start, compile_time_s=compile_time)
+            last_saved = it + 1
+    return state, history, start, compile_time

@@ -117,14 +117,14 @@ def train_bbdropout(exp: Experiment, layout: GroupLayout, variables, objective: 
             logits, upd = model.apply({"params": params["net"], "batch_stats": batch_stats, "masks": masks}, x,
                                       train=True, mutable=["batch_stats"])
             reg, info = objective(layout, a, b)
-            return cross_entropy(logits, y).mean() + reg, (upd["batch_stats"], info)
+            return cross_entropy(logits, y).mean() + reg, (upd.get("batch_stats", {}), info)
 
         (loss, (bs, info)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), bs, opt_state, loss, info
 
     it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed)
-    batch_stats = variables["batch_stats"]
+    batch_stats = variables.get("batch_stats", {})  # {}: a network without BatchNorm (e.g. LeNet-5)
     key = jax.random.key(recipe.seed)
     for i in range(epochs * steps):
         batch = next(it)
@@ -132,7 +132,10 @@ def train_bbdropout(exp: Experiment, layout: GroupLayout, variables, objective: 
                                                           batch["label"], jax.random.fold_in(key, i))
     a, b = gates.apply(params["gates"])
     probs = [np.asarray(K.kumaraswamy_mean(ai, bi)) for ai, bi in zip(a, b)]
-    return probs, {**variables, "params": params["net"], "batch_stats": batch_stats}
+    trained = {**variables, "params": params["net"]}
+    if batch_stats:
+        trained["batch_stats"] = batch_stats
+    return probs, trained
 
 
 def method_dir(workdir: str, name: str) -> str:

@@ -37,12 +37,12 @@ from absl import logging
 from flax import struct
 
 from jaxcompress.data import normalize
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, NonFiniteError
 from jaxcompress.stamp import kumaraswamy as K
 from jaxcompress.stamp.encoder import SetEncoder
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective
 from jaxcompress.train.metrics import MetricWriter
-from jaxcompress.train.steps import cross_entropy
+from jaxcompress.train.steps import all_finite, cross_entropy
 
 ALGORITHMS = ("fomaml", "maml", "reptile")
 
@@ -274,36 +274,82 @@ def _tree(state: MetaState) -> dict:
 def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_step: int, learning_rate: float,
                workdir: str, seed: int = 0, checkpoint_every: int = 50, log_every: int = 10
                ) -> tuple[MetaState, dict]:
-    """Runs (or resumes) meta-training into `workdir`; returns the final state and timing."""
+    """Runs (or resumes) meta-training into `workdir`; returns the final state and timing.
+
+    The logged metrics are summed on device and read every `log_every` steps. A NaN or
+    inf loss, metric or meta-parameter stops meta-training with a `NonFiniteError` naming
+    the first such step; the flag is checked on device and read with the logged sums and
+    before every checkpoint, which is therefore saved only when all steps so far were finite.
+    """
     tx = optax.adam(learning_rate)
     probe = sampler.sample(0, 1)
     state = stamp.create_state(jax.random.key(seed), probe["set_x"][0], probe["set_y"][0], tx)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    try:
+        state, start = _meta_train_steps(stamp, sampler, state, manager, num_steps, tasks_per_step, workdir,
+                                         checkpoint_every, log_every)
+    except BaseException:  # NaN, Ctrl-C, ...: finish Orbax's work; the checkpoints on disk stand
+        try:
+            manager.close()
+        except Exception as e:  # already failing: that error is the one to report
+            logging.debug("closing %s: %s", directory, e)
+        raise
+    manager.wait_until_finished()
+    manager.close()
+    return state, {"meta_train_time_s": time.time() - start}
+
+
+def _checked_meta_step(stamp: Stamp):
+    """`stamp.meta_step` plus the first non-finite step (0: none so far), kept on device."""
+
+    def step(state: MetaState, tasks, first_bad):
+        state, info = stamp.meta_step(state, tasks)
+        finite = all_finite((info, state.params))
+        return state, info, jnp.where((first_bad == 0) & ~finite, state.step, first_bad)
+
+    return step
+
+
+def _meta_train_steps(stamp, sampler, state, manager, num_steps, tasks_per_step, workdir, checkpoint_every,
+                      log_every):
     if manager.latest_step() is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(state))
         restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
         state = state.replace(**restored)
         logging.info("stamp: resumed meta-training at step %d", int(state.step))
-    step_fn = jax.jit(stamp.meta_step, donate_argnums=(0,))
+    step_fn = jax.jit(_checked_meta_step(stamp), donate_argnums=(0,))
     writer = MetricWriter(workdir)
     step = int(state.step)
+    last_saved = manager.latest_step()
+    first_bad = jnp.zeros((), jnp.int32)
     start, sums, n = time.time(), None, 0
+
+    def check():
+        bad = int(jax.device_get(first_bad))
+        if bad:
+            kept = (f"the last good checkpoint, step {last_saved} in {manager.directory}, is kept"
+                    if last_saved is not None else "no checkpoint was saved")
+            raise NonFiniteError(f"STAMP meta-training into {workdir} stopped: a loss or the meta-parameters became "
+                                 f"NaN or inf at meta step {bad}/{num_steps}; {kept}; lower stamp.meta_learning_rate"
+                                 f" or stamp.inner_lr")
+
     while step < num_steps:
-        state, info = step_fn(state, sampler.sample(step, tasks_per_step))
+        state, info, first_bad = step_fn(state, sampler.sample(step, tasks_per_step), first_bad)
         step += 1
-        info = jax.device_get(info)
-        sums = info if sums is None else jax.tree.map(np.add, sums, info)
+        sums = info if sums is None else jax.tree.map(jnp.add, sums, info)
         n += 1
         if step % log_every == 0 or step == num_steps:
-            avg = {k: float(v) / n for k, v in sums.items()}
+            check()
+            avg = {k: float(v) / n for k, v in jax.device_get(sums).items()}
             writer.write(step, **avg, elapsed_s=time.time() - start)
             logging.info("stamp meta step %d/%d: query loss %.4f acc %.3f, E[%s] %.3f, inner %.3f -> %.3f", step,
                          num_steps, avg["query_loss"], avg["query_accuracy"], stamp.objective.budget_metric,
                          avg["expected_fraction"], avg["inner_first"], avg["inner_last"])
             sums, n = None, 0
         if step % checkpoint_every == 0 or step == num_steps:
+            check()
             manager.save(step, args=ocp.args.StandardSave(_tree(state)))
-    manager.wait_until_finished()
-    manager.close()
-    return state, {"meta_train_time_s": time.time() - start}
+            last_saved = step
+    check()
+    return state, start

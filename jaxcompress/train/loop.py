@@ -11,12 +11,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
 from jaxcompress import cost
 from jaxcompress.timing import forward_latencies
 from jaxcompress.data import BatchIterator, iterate_eval, shard_batch
+from jaxcompress.errors import NonFiniteError
 from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
 from jaxcompress.train.experiment import Experiment, Teacher, setup_experiment
@@ -69,9 +71,17 @@ def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, tea
 
     Checkpoints go to `<workdir>/checkpoints` (latest, resumed from if present) and
     `<workdir>/best` (best validation accuracy); metrics to `<workdir>/metrics.jsonl`.
-    With a `teacher` and `recipe.distill_weight` > 0 the loss distils from it. `state`'s
-    `apply_fn` is kept (QAT trains a quantized apply). Returns the final state and
+    A mid-epoch checkpoint (`recipe.checkpoint_every`) carries the epoch's running metric
+    sums, so a resumed epoch reports its train metrics over all of its steps. With a
+    `teacher` and `recipe.distill_weight` > 0 the loss distils from it. `state`'s
+    `apply_fn` is kept (QAT trains a quantized apply); the caller's `state` stays valid
+    (the jitted step donates a copy). Returns the final state and
     `{"best_val_accuracy", "train_time_s"}`.
+
+    A NaN or inf loss (or parameter) stops training with a `NonFiniteError` naming the
+    epoch and step where it first appeared. The check runs on device; its flag is read
+    where the host waits anyway (epoch ends, mid-epoch checkpoints), and every checkpoint
+    is saved only after it passed, so the last one on disk is good.
     """
     it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed)
     spe = it.steps_per_epoch
@@ -79,32 +89,69 @@ def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, tea
     state = state.replace(step=jnp.zeros((), jnp.int32), tx=tx, opt_state=tx.init(state.params))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), recipe.max_to_keep)
     best_ckpt = Checkpointer(os.path.join(workdir, "best"), 1)
+    try:
+        state, info = _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt)
+    except BaseException:  # NaN, Ctrl-C, ...: the checkpoints on disk stand; finish Orbax's work first
+        for c in (ckpt, best_ckpt):
+            try:
+                c.close()
+            except Exception as e:  # already failing: that error is the one to report
+                logging.debug("closing %s: %s", c.directory, e)
+        raise
+    ckpt.close()
+    best_ckpt.close()
+    return state, info
+
+
+def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tuple[TrainState, dict]:
+    """`fit`'s loop (resume, epochs, checkpoints, metrics) with its checkpointers open."""
+    spe = it.steps_per_epoch
     meta = {"iterator": it.get_state(), "best_val_accuracy": -1.0}
+    epoch_sums, epoch_steps = None, 0  # running metric sums of a resumed mid-epoch checkpoint
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         it.set_state(meta["iterator"])
+        saved = meta.pop(EPOCH_SUMS, None)
+        if saved is not None and int(jax.device_get(state.step)) % spe:
+            epoch_sums, epoch_steps = saved["sums"], int(saved["steps"])
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    # The jitted step donates the state: copy it so arrays the caller still holds (or
-    # that alias other states' leaves, e.g. after surgery) are never invalidated.
-    state = jax.device_put(state, S.replicated(exp.mesh), may_alias=False)
+    # The jitted step donates the state: a copy in fresh buffers, so that arrays the caller
+    # still holds (or that alias other states' leaves, e.g. after surgery) stay valid.
+    state = S.replicated_copy(state, exp.mesh)
     train_step, teacher_args = _train_step(exp, recipe, teacher)
     evaluate = make_eval_fn(exp, recipe.eval_batch_size)
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
+    last_saved = ckpt.latest_step()
     train_time = 0.0
+
+    def checked(sums) -> dict:
+        """The running sums on the host, after checking that every step was finite."""
+        sums = jax.device_get(sums)
+        if int(sums["first_nonfinite"]):
+            raise _nonfinite(int(sums["first_nonfinite"]), spe, recipe.num_epochs, workdir, ckpt, last_saved)
+        return sums
+
     while step < recipe.num_epochs * spe:
         epoch = step // spe
         epoch_start, sums, n = time.time(), None, 0
+        if epoch_sums is not None:  # the steps of this epoch run before the restart
+            sums, n = _resumed_sums(epoch_sums, exp.mesh), epoch_steps
+            epoch_sums = None
         with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{recipe.num_epochs}",
                   disable=None, leave=False) as bar:
             while step < (epoch + 1) * spe:
                 state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)), *teacher_args)
-                sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+                sums = S.accumulate_metrics(S.zero_sums(m) if sums is None else sums, m, state.step)
                 step, n = step + 1, n + 1
                 bar.update()
                 if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step % spe:
-                    ckpt.save(state, {**meta, "iterator": it.get_state()})
-        train_metrics = {k: float(v) / n for k, v in jax.device_get(sums).items()}
+                    host = checked(sums)  # the save waits for the step anyway
+                    ckpt.save(state, {**meta, "iterator": it.get_state(),
+                                      EPOCH_SUMS: {"sums": _plain_sums(host), "steps": n}})
+                    last_saved = step
+        sums = checked(sums)
+        train_metrics = {k: float(v) / n for k, v in sums.items() if k != "first_nonfinite"}
         train_time += time.time() - epoch_start
         val = evaluate(state, exp.val)
         meta = {**meta, "iterator": it.get_state()}
@@ -112,13 +159,39 @@ def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, tea
             meta["best_val_accuracy"] = val["accuracy"]
             best_ckpt.save(state, meta)
         ckpt.save(state, meta)
+        last_saved = step
         writer.write(step, epoch=epoch + 1, train=train_metrics, val=val, epoch_time_s=time.time() - epoch_start)
         logging.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)", epoch + 1,
                      recipe.num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
                      val["accuracy"], time.time() - epoch_start)
-    ckpt.close()
-    best_ckpt.close()
     return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time}
+
+
+EPOCH_SUMS = "epoch_metric_sums"  # the meta key of a mid-epoch checkpoint's running sums
+
+
+def _plain_sums(sums) -> dict:
+    """JSON-safe running sums: float32 sums as Python floats (exact), counts as ints."""
+    return {k: (float(v) if np.issubdtype(np.asarray(v).dtype, np.floating) else int(v))
+            for k, v in sums.items() if k != "first_nonfinite"}
+
+
+def _resumed_sums(saved: dict, mesh) -> dict:
+    """Device running sums (float32, as the step's metrics) from a checkpoint's `_plain_sums`."""
+    sums = {k: jnp.asarray(v, jnp.float32 if isinstance(v, float) else jnp.int32) for k, v in saved.items()}
+    sums["first_nonfinite"] = jnp.zeros((), jnp.int32)
+    return jax.device_put(sums, S.replicated(mesh))
+
+
+def _nonfinite(bad_step: int, spe: int, num_epochs: int, workdir: str, ckpt: Checkpointer, last_saved
+               ) -> NonFiniteError:
+    epoch, in_epoch = (bad_step - 1) // spe + 1, (bad_step - 1) % spe + 1
+    kept = (f"the last good checkpoint, step {last_saved} in {ckpt.directory}, is kept" if last_saved is not None
+            else "no checkpoint was saved")
+    return NonFiniteError(
+        f"training into {workdir} stopped: the loss or the parameters became NaN or inf at epoch {epoch}/"
+        f"{num_epochs}, step {in_epoch}/{spe} (step {bad_step} of {num_epochs * spe}); {kept}; lower this "
+        f"phase's learning rate or check the input data")
 
 
 def _train_step(exp: Experiment, recipe: Recipe, teacher: Teacher | None):
@@ -130,9 +203,9 @@ def _train_step(exp: Experiment, recipe: Recipe, teacher: Teacher | None):
         logging.info("distilling from the reference network (weight %g, temperature %g)", recipe.distill_weight,
                      recipe.distill_temperature)
         teacher_args = (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
-    step_fn = S.make_train_step(exp.mean, exp.std, recipe.augment, recipe.label_smoothing,
-                                teacher.apply_fn if teacher else None, recipe.distill_weight,
-                                recipe.distill_temperature)
+    step_fn = S.with_finite_check(S.make_train_step(exp.mean, exp.std, recipe.augment, recipe.label_smoothing,
+                                                    teacher.apply_fn if teacher else None, recipe.distill_weight,
+                                                    recipe.distill_temperature))
     return S.jit_data_parallel(step_fn, exp.mesh, replicated_args=len(teacher_args)), teacher_args
 
 

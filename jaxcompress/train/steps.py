@@ -97,6 +97,50 @@ def make_eval_step(mean, std):
     return eval_step
 
 
+def all_finite(tree) -> jax.Array:
+    """True (a device scalar) when no floating leaf of `tree` holds a NaN or an inf."""
+    checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def with_finite_check(step_fn):
+    """`step_fn` (state, batch, ...) -> (state, metrics) with `metrics["finite"]`: whether
+    the loss and the updated parameters and BatchNorm statistics are all finite. Computed
+    in the step's own program, so checking it costs no host sync (`accumulate_metrics`)."""
+
+    def step(state, batch, *args):
+        new_state, metrics = step_fn(state, batch, *args)
+        finite = all_finite((metrics["loss"], new_state.params, new_state.batch_stats))
+        return new_state, {**metrics, "finite": finite}
+
+    return step
+
+
+@jax.jit
+def accumulate_metrics(sums, metrics, step):
+    """Running per-epoch sums of a step's `metrics` (from `with_finite_check`), on device.
+    `sums["first_nonfinite"]`: the first `step` (the step count after it) whose metrics
+    were not finite, 0 while none was. Start from `zero_sums(metrics)`."""
+    out = {k: sums[k] + v for k, v in metrics.items() if k != "finite"}
+    first = sums["first_nonfinite"]
+    out["first_nonfinite"] = jnp.where((first == 0) & ~metrics["finite"], jnp.asarray(step, jnp.int32), first)
+    return out
+
+
+def zero_sums(metrics) -> dict:
+    """Empty running sums for `accumulate_metrics` with the keys and dtypes of `metrics`."""
+    sums = {k: jnp.zeros_like(v) for k, v in metrics.items() if k != "finite"}
+    return {**sums, "first_nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def replicated_copy(tree, mesh):
+    """`tree` replicated over `mesh` in buffers no other array holds, for a step that
+    donates it. `jax.device_put(x, replicated, may_alias=False)` is not enough: the shard
+    of a single-device `x` on its own device keeps `x`'s buffer (JAX 0.10), so donating
+    the result deletes the caller's `x` on a multi-device mesh (one device copies)."""
+    return jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), replicated(mesh))
+
+
 def jit_data_parallel(step_fn, mesh, donate: bool = True, replicated_args: int = 0):
     """jit with state replicated and batch split over 'data'; donates the state.
     `replicated_args`: how many further (replicated) arguments follow the batch."""

@@ -1,0 +1,99 @@
+"""The targets each benchmark is judged against, as functions of its summary.json.
+
+`judge(name, summary)` gives the results record's `targets` (schema of
+benchmarks/results.py: what, target, measured, met) and, where the benchmark has one,
+its markdown `table`, for the results file a run is filed under (`name`, the config's
+stem). A target is stated here once, with the issue that set it; it is never changed to
+pass: a missed target is reported as missed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+MODEL_NAMES = {"lenet5": "LeNet-5", "resnet20": "ResNet-20", "resnet56": "ResNet-56", "vgg16": "VGG-16"}
+
+
+def _t(what: str, target: str, measured: str, met: bool | None) -> dict:
+    return dict(what=what, target=target, measured=measured, met=met)
+
+
+def layer_overhead(s: Mapping) -> tuple[list, str]:
+    """Training step of masked + quantized layers (all-ones masks, 32 bits) vs plain Flax: <= 1.10x."""
+    rows = s["rows"]
+    table = "\n".join(["| model | jaxcompress layers | plain Flax | ratio | max logit diff |", "|---|---|---|---|---|"]
+                      + [f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['compressed_step_ms']:.2f} ms | "
+                         f"{r['plain_step_ms']:.2f} ms | {r['ratio']:.3f}x | {r['max_logit_diff']:.1e} |"
+                         for r in rows])
+    targets = [_t(f"{MODEL_NAMES.get(r['model'], r['model'])} step time", "<= 1.10x", f"{r['ratio']:.3f}x",
+                  r["ratio"] <= 1.10) for r in rows]
+    return targets, table
+
+
+def search_speed(s: Mapping) -> tuple[list, str]:
+    """Jitted vmapped search vs the Python loop: >= 10x episodes/s at N = 16 actors (every eval size)."""
+    rows = [r for r in s["rows"] if "speedup" in r]
+    table = "\n".join(["| eval images | actors N | jit ep/s | loop ep/s | speed-up | same rewards |",
+                       "|---|---|---|---|---|---|"]
+                      + [f"| {r['eval_size']} | {r['actors']} | {r['jit_episodes_per_s']:.1f} | "
+                         f"{r['loop_episodes_per_s']:.1f} | {r['speedup']:.1f}x | {r['rewards_match']} |" for r in rows])
+    targets = [_t(f"speed-up, N = 16, {r['eval_size']} images", ">= 10x", f"{r['speedup']:.1f}x",
+                  r["speedup"] >= 10.0) for r in rows if r["actors"] == 16]
+    return targets, table
+
+
+def prune_speedup(s: Mapping) -> tuple[list, str]:
+    """Shrunk networks at the FLOPs budget: >= 1.6x faster than dense at batch 128 (aligned widths)."""
+    rows = s["rows"]
+    table = "\n".join(["| model | multiple | widths | FLOPs left | dense -> masked -> shrunk (ms) | shrunk speed-up |"
+                       " masked speed-up |", "|---|---|---|---|---|---|---|"]
+                      + [f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['multiple']} | "
+                         f"{'/'.join(map(str, r['widths'][:3]))}... | {r['flops_left']:.3f} | "
+                         f"{r['latency_ms']['dense']:.0f} -> {r['latency_ms'].get('masked', float('nan')):.0f} -> "
+                         f"{r['latency_ms']['shrunk']:.0f} | {r['speedup_shrunk']:.2f}x | "
+                         f"{r.get('speedup_masked', float('nan')):.2f}x |" for r in rows])
+    targets = [_t(f"{MODEL_NAMES.get(r['model'], r['model'])} speed-up, widths aligned to 8", ">= 1.6x",
+                  f"{r['speedup_shrunk']:.2f}x", r["speedup_shrunk"] >= 1.6) for r in rows if r["multiple"] == 8]
+    return targets, table
+
+
+def latency_predictor(s: Mapping) -> tuple[list, str]:
+    """Latency model (layer table + affine fit) on random aligned widths: median error < 10%."""
+    table = ("| median error | max error | networks | fit scale | fit offset | table entries |\n|---|---|---|---|---|---|\n"
+             f"| {s['median_error']:.1%} | {s['max_error']:.1%} | {1e3 * min(s['measured_s']):.0f}-"
+             f"{1e3 * max(s['measured_s']):.0f} ms | {s['scale']:.3f} | {1e3 * s['offset_s']:.1f} ms | "
+             f"{s['table_entries']} |")
+    return [_t("median error", "< 10%", f"{s['median_error']:.1%}", s["median_error"] < 0.10)], table
+
+
+def lenet5_mnist(s: Mapping) -> tuple[list, str]:
+    """The LeNet-5 reference network: >= 99.0% test accuracy."""
+    table = ("| test accuracy | best val accuracy | epochs | train time | wall |\n|---|---|---|---|---|\n"
+             f"| {s['test_accuracy']:.2%} | {s['best_val_accuracy']:.2%} | {s['epochs']} | "
+             f"{s['train_time_s']:.0f} s | {s['wall_time_s']:.0f} s |")
+    return [_t("test accuracy", ">= 99.0%", f"{s['test_accuracy']:.2%}", s["test_accuracy"] >= 0.99)], table
+
+
+def prune_lenet5_mnist(s: Mapping) -> tuple[list, str]:
+    """Hand-set LeNet-5 pruning (Zhan et al.'s row): >= 90% parameters removed, <= 20% FLOPs,
+    test error increase <= +0.15 points."""
+    inc = 100 * (s["accuracy_dense"] - s["accuracy_pruned"])
+    table = ("| widths | params removed | FLOPs left | test accuracy | error increase |\n|---|---|---|---|---|\n"
+             f"| {'/'.join(map(str, s['widths_pruned']))} | {s['params_removed']:.1%} | {s['flops_left']:.1%} | "
+             f"{s['accuracy_dense']:.2%} -> {s['accuracy_pruned']:.2%} | {inc:+.2f} |")
+    return [_t("params removed", ">= 90%", f"{s['params_removed']:.1%}", s["params_removed"] >= 0.90),
+            _t("FLOPs", "<= 20%", f"{s['flops_left']:.1%}", s["flops_left"] <= 0.20),
+            _t("error", "<= +0.15", f"{inc:+.2f}", inc <= 0.15)], table
+
+
+JUDGES: dict[str, Callable[[Mapping], tuple[list, str]]] = {
+    "layer_overhead": layer_overhead, "search_speed": search_speed, "prune_speedup": prune_speedup,
+    "width_alignment": prune_speedup, "latency_predictor": latency_predictor, "lenet5_mnist": lenet5_mnist,
+    "prune_lenet5_mnist": prune_lenet5_mnist,
+}
+
+
+def judge(name: str, summary: Mapping) -> tuple[list, str | None]:
+    """(targets, table or None) of a finished run filed as `name`; ([], None) when no judge is defined."""
+    if name not in JUDGES:
+        return [], None
+    return JUDGES[name](summary)
