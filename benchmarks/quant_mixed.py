@@ -21,7 +21,7 @@ from absl import logging
 from jaxcompress import cost
 from jaxcompress.errors import ConfigError
 from jaxcompress.quant import budget as B
-from jaxcompress.quant.job import (check_quant_config, export_and_verify, float_network, index_bits_from_config,
+from jaxcompress.quant.job import (export_and_verify, float_network, index_bits_from_config,
                                    layer_sensitivity, qat_recipe, requested_bits)
 from jaxcompress.quant.qat import QuantRecipe, quantize_state, train_qat
 from jaxcompress.train import setup_experiment
@@ -32,7 +32,6 @@ from jaxcompress.train.metrics import write_json
 def run(config, workdir: str) -> dict:
     wall_start = time.time()
     q = config.quant
-    check_quant_config(q)
     if not config.bench.uniform_bits and not config.bench.mixed_bits:
         raise ConfigError("bench_quant_mixed needs bench.uniform_bits and/or bench.mixed_bits")
     qrecipe, index_bits = QuantRecipe.from_config(config), index_bits_from_config(q)

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "bench_budget_accuracy": "benchmarks.hardware:budget_accuracy",
     "bench_search_speed": "benchmarks.search_rl:speed",
     "bench_search_agents": "benchmarks.search_rl:agents",
+    "bench_bad_input": "benchmarks.bad_input:run",
 }
 ALL_JOBS = {**jobs.JOBS, **BENCHMARKS}
 DISTILLING = jobs.DISTILLING + ("bench_search_agents", "bench_budget_accuracy")

@@ -27,7 +27,7 @@ from jaxcompress.pruning import criteria as C
 from jaxcompress.rl import report
 from jaxcompress.rl.env import PruneEnv
 from jaxcompress.rl.evaluate import correct_fraction, make_prune_evaluator
-from jaxcompress.rl.job import check_search_config, eval_data, make_agent
+from jaxcompress.rl.job import eval_data, make_agent
 from jaxcompress.rl.search import (channel_ranks, init_search_state, make_iteration, make_reward_fn,
                                    returns_from_final, run_search)
 from jaxcompress.train import Recipe, Teacher, setup_experiment
@@ -99,7 +99,6 @@ class PythonLoopSearch:
 
 def _setup(config):
     s = config.search
-    check_search_config(s, config.hardware.multiple)
     exp = setup_experiment(config)
     env = PruneEnv(exp.table, s.flops_budget, s.a_min, s.a_max, C.prunable_groups(exp.table, s.scope),
                    config.hardware.multiple, s.params_budget or None)

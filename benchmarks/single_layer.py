@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from jaxcompress import cost
 from jaxcompress.data import BatchIterator
+from jaxcompress.distributed import process_slice
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
@@ -224,7 +225,9 @@ def variational_fit(exp, variables, group: int, v: dict, seed: int):
     noise = init_noise_logits(table, include_dense=True, init_alpha=float(v["init_alpha"]))
     producers = [l.path for l in table.layers if l.out_group == group and l.path in noise]
     noise = {p: {CHANNEL: noise[p][CHANNEL]} for p in producers}
-    it = BatchIterator(*exp.train, batch_size=int(v["batch_size"]), seed=seed)
+    process_index, process_count = process_slice()  # this process's rows of each global batch
+    it = BatchIterator(*exp.train, batch_size=int(v["batch_size"]), seed=seed, process_index=process_index,
+                       process_count=process_count)
     return fit_variational(table, variables, it, exp.mean, exp.std, int(v["num_steps"]), float(v["learning_rate"]),
                            float(v["beta"]), seed, noise_learning_rate=float(v["noise_learning_rate"]),
                            num_train=len(exp.train[0]), noise_logits=noise, mesh=exp.mesh)

@@ -85,10 +85,22 @@ def prune_lenet5_mnist(s: Mapping) -> tuple[list, str]:
             _t("error", "<= +0.15", f"{inc:+.2f}", inc <= 0.15)], table
 
 
+def bad_input(s: Mapping) -> tuple[list, str]:
+    """Issue 20's bad overrides through the launcher: all refused in one line, 0 tracebacks."""
+    rows, counts, n = s["rows"], s["counts"], s["cases"]
+    table = "\n".join(["| outcome | cases |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()]
+                      + ["", "| job | override | outcome | first line of stderr |", "|---|---|---|---|"]
+                      + [f"| {r['job']} | `{r['override']}` | {r['outcome']} | "
+                         f"{r['line'][:140].replace('|', '/')} |" for r in rows])
+    targets = [_t("refused in one line, exit 2", f"{n}/{n}", f"{counts['refused']}/{n}", counts["refused"] == n),
+               _t("tracebacks", "0", str(counts["traceback"]), counts["traceback"] == 0)]
+    return targets, table
+
+
 JUDGES: dict[str, Callable[[Mapping], tuple[list, str]]] = {
     "layer_overhead": layer_overhead, "search_speed": search_speed, "prune_speedup": prune_speedup,
     "width_alignment": prune_speedup, "latency_predictor": latency_predictor, "lenet5_mnist": lenet5_mnist,
-    "prune_lenet5_mnist": prune_lenet5_mnist,
+    "prune_lenet5_mnist": prune_lenet5_mnist, "bad_input": bad_input,
 }
 
 

@@ -12,7 +12,7 @@ Run: python -m launch.main --config=configs/default.py --workdir=/tmp/run
 """
 import ml_collections
 
-from jaxcompress.schema import Bool, Choice, Dict, Float, Int, Optional, Rule, Section, Str, Tuple
+from jaxcompress.schema import Bool, Choice, Dict, Float, Int, Optional, Rule, Section, Str, Tuple, get
 
 MAX_EPOCHS = 10 ** 6  # an epoch count above this is a typo (it would run for ever)
 MAX_STEPS = 10 ** 9  # likewise for step, episode and iteration counts
@@ -59,7 +59,12 @@ SCHEMA = Section(
     job=Str("train", nonempty=True),  # train | evaluate | prune | quantize | search | stamp (jaxcompress.jobs.JOBS);
     # the benchmarks' bench_* jobs run with python -m benchmarks.run
     seed=Int(0, lo=0, hi=2 ** 31 - 1),
-    multihost=Bool(False),  # call jax.distributed.initialize() first (multi-host GPU/TPU)
+    # many processes, one per host (TPU VM pods, GPU clusters; jaxcompress.distributed): `enabled` connects
+    # them with jax.distributed.initialize once per process; the other fields left empty are auto-detected
+    # (SLURM, TPU VM, GKE), or set all three to launch by hand (process 0 serves at coordinator_address)
+    distributed=Section(
+        enabled=Bool(False), coordinator_address=Str("", note='host:port of process 0; "": auto-detect'),
+        num_processes=Int(0, lo=0, note="0: auto-detect"), process_id=Int(-1, lo=-1, note="-1: auto-detect")),
 
     # settings every job shares: kept channel counts are multiples of `multiple` (None: the backend's, 8 on
     # CPU/GPU, 128 on TPU, jaxcompress.pruning.align; 1: unaligned, as in the papers), and every job's
@@ -79,6 +84,8 @@ SCHEMA = Section(
         # > 0: stratified subsets of this many train / test examples (short budgets)
         train_size=Int(0, lo=0, note="0: every example"), test_size=Int(0, lo=0, note="0: every example")),
 
+    # batch_size / eval_batch_size are global: over all devices and processes together (each of N processes
+    # reads batch_size / N rows of every batch), so a run's numbers do not depend on how many hosts it uses
     train=Section(
         num_epochs=epochs(15, lo=1), batch_size=Int(128, lo=1), eval_batch_size=Int(1000, lo=1),
         optimizer=Choice("sgd", ("sgd", "adam", "adamw")), learning_rate=rate(0.05),
@@ -270,7 +277,7 @@ SCHEMA = Section(
     eval=Section(checkpoint=Str("best", nonempty=True)),  # best | last | <directory>
 )
 
-# relations between fields that need no data, devices or files (those stay with the jobs)
+# relations between fields, and the files they name (those needing data or devices stay with the jobs)
 QUANT_BUDGETS = ("budget_bytes", "budget_ratio", "budget_uniform_bits", "budget_bitops")
 
 
@@ -281,7 +288,55 @@ def _one_quant_budget(name: str) -> Rule:
                 others=tuple(f"quant.{k}" for k in earlier))
 
 
+def exists(path: str, kind: str = "dir"):
+    """A rule's condition: the config's `path` field is empty, or names an existing
+    directory (`kind="file"`: file), local or remote (etils.epath: gs://, ...)."""
+    def ok(c) -> bool:
+        from etils import epath  # lazy: the schema is checked before heavy imports
+        value = get(c, path)
+        if not value:
+            return True
+        p = epath.Path(value)
+        try:
+            return p.is_dir() if kind == "dir" else p.is_file()
+        except Exception:  # an unreachable remote path  # noqa: BLE001
+            return False
+    return ok
+
+
+def _address_ok(address: str) -> bool:
+    host, sep, port = address.strip().rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+_CONNECTION = ("distributed.coordinator_address", "distributed.num_processes", "distributed.process_id")
+_MANUAL = lambda c: bool(c.distributed.coordinator_address)  # noqa: E731 - launched by hand: all three given
+
+
+def _global_batch(name: str) -> Rule:
+    return Rule(f"train.{name}", "a multiple of distributed.num_processes={distributed.num_processes} (the global "
+                "batch, split evenly over the processes)",
+                lambda c: c.train[name] % c.distributed.num_processes == 0, others=("distributed.num_processes",),
+                when=lambda c: c.distributed.num_processes > 0)
+
+
 RULES = (
+    Rule("distributed.enabled", "True when distributed.coordinator_address, num_processes or process_id is set",
+         lambda c: c.distributed.enabled or not (c.distributed.coordinator_address or c.distributed.num_processes
+                                                 or c.distributed.process_id >= 0), others=_CONNECTION),
+    Rule("distributed.coordinator_address", "host:port, the address process 0 serves at",
+         lambda c: _address_ok(c.distributed.coordinator_address), when=_MANUAL),
+    Rule("distributed.coordinator_address", "set (host:port of process 0) with distributed.num_processes and "
+         "process_id; or leave all three empty to auto-detect them (SLURM, TPU VM, GKE)",
+         lambda c: bool(c.distributed.coordinator_address), others=_CONNECTION[1:],
+         when=lambda c: c.distributed.num_processes > 0 or c.distributed.process_id >= 0),
+    Rule("distributed.num_processes", "the number of processes (>= 1) with distributed.coordinator_address set",
+         lambda c: c.distributed.num_processes >= 1, others=_CONNECTION[:1], when=_MANUAL),
+    Rule("distributed.process_id", "this process's index, in 0..distributed.num_processes-1 "
+         "(distributed.num_processes={distributed.num_processes})",
+         lambda c: 0 <= c.distributed.process_id < c.distributed.num_processes, others=_CONNECTION[:2],
+         when=lambda c: _MANUAL(c) and c.distributed.num_processes >= 1),
+    _global_batch("batch_size"), _global_batch("eval_batch_size"),
     Rule("train.warmup_epochs", "below train.num_epochs={train.num_epochs}",
          lambda c: c.train.warmup_epochs < c.train.num_epochs, others=("train.num_epochs",)),
     Rule("stamp.num_heads", "a divisor of stamp.embed_dim={stamp.embed_dim} (the attention heads split it)",
@@ -306,6 +361,47 @@ RULES = (
     Rule("quant.qat_epochs", ">= 1 for quant.mode=qat", lambda c: c.quant.qat_epochs >= 1,
          others=("quant.mode",), when=lambda c: c.quant.mode == "qat"),
     *(_one_quant_budget(name) for name in QUANT_BUDGETS[1:]),
+    Rule("quant.allocation", "uniform unless a size budget is set (quant.budget_bytes, budget_ratio or "
+         "budget_uniform_bits): sensitivity allocation spends one", lambda c: c.quant.allocation != "sensitivity"
+         or bool(c.quant.budget_bytes or c.quant.budget_ratio or c.quant.budget_uniform_bits),
+         others=("quant.budget_ratio",)),
+    Rule("prune.keep_ratios", "empty with prune.allocation=uniform when a prune budget is set (a budget sets one "
+         "uniform keep ratio)", lambda c: not c.prune.keep_ratios and c.prune.allocation == "uniform",
+         others=("prune.allocation", "prune.flops_budget", "prune.latency_budget"),
+         when=lambda c: bool(c.prune.flops_budget or c.prune.latency_budget)),
+    Rule("prune.iterations", "1 for prune.criterion={prune.criterion} (gradual pruning needs a score criterion: "
+         "l1, l2, bn, snip or random)", lambda c: c.prune.iterations == 1, others=("prune.criterion",),
+         when=lambda c: c.prune.criterion in ("lasso", "variational")),
+    *(Rule(f"{job}.latency_budget", "0 when hardware.latency_batch=0 (the latency is measured at that batch)",
+           lambda c, job=job: not c[job].latency_budget, others=("hardware.latency_batch",),
+           when=lambda c: c.hardware.latency_batch == 0) for job in ("prune", "search")),
+    Rule("search.granularity", "channel for search.latency_budget or search.scheme=lasso / variational (element "
+         "search prunes weights by magnitude, with no latency model)", lambda c: c.search.granularity == "channel",
+         others=("search.latency_budget", "search.scheme"),
+         when=lambda c: bool(c.search.latency_budget) or c.search.scheme in ("lasso", "variational")),
+    Rule("stamp.target.classes", lambda c: f"disjoint from stamp.reference_classes="
+         f"{tuple(c.stamp.reference_classes)} on the same dataset (or set stamp.allow_overlap=True)",
+         lambda c: bool(c.stamp.target.classes) and not set(c.stamp.target.classes) & set(c.stamp.reference_classes),
+         others=("stamp.reference_classes", "stamp.allow_overlap"),
+         when=lambda c: c.job == "stamp" and not c.stamp.allow_overlap
+         and (c.stamp.target.name or c.data.name) == c.data.name),
+    Rule("stamp.target.classes", lambda c: f"at most {c.stamp.head_classes or len(c.stamp.reference_classes)} "
+         f"class(es), the network head's outputs", lambda c: len(c.stamp.target.classes)
+         <= (c.stamp.head_classes or len(c.stamp.reference_classes)),
+         others=("stamp.head_classes", "stamp.reference_classes")),
+    # files and directories a job reads: there before it starts (trains, loads data, ...)
+    *(Rule(path, "an existing directory (a trained run's --workdir), or empty", exists(path),
+           when=lambda c, jobs=jobs: c.job in jobs) for path, jobs in (
+        ("prune.checkpoint", ("prune", "quantize")), ("search.checkpoint", ("search",)),
+        ("quant.pruned_checkpoint", ("quantize",)), ("stamp.pretrained", ("stamp",)))),
+    Rule("quant.checkpoint", "an existing directory (a trained run's --workdir), or empty, or set "
+         "quant.train_if_missing=True to train it there", exists("quant.checkpoint"), others=(
+             "quant.train_if_missing",), when=lambda c: c.job == "quantize" and not c.quant.train_if_missing),
+    Rule("stamp.meta_checkpoint", "an existing meta-training directory (an earlier stamp run's <workdir>/meta), "
+         "or empty to meta-train into <workdir>/meta", exists("stamp.meta_checkpoint"),
+         when=lambda c: c.job == "stamp"),
+    Rule("quant.policy", "an existing policy JSON file (e.g. a search's policy.json), or empty",
+         exists("quant.policy", kind="file")),
 )
 
 

@@ -6,6 +6,7 @@ import importlib
 import os
 from typing import Callable, Mapping
 
+from jaxcompress.distributed import initialize_from_config
 from jaxcompress.errors import ConfigError
 from jaxcompress.schema import validate
 from jaxcompress.train.metrics import write_json
@@ -42,7 +43,8 @@ def resolve(target: str) -> Callable:
 
 def run(config, workdir: str, jobs: Mapping[str, str] = JOBS, distilling=DISTILLING) -> dict:
     """Validates the config against the schema (`jaxcompress.schema`), checks the job
-    name, writes `<workdir>/config.json`, runs the job."""
+    name, connects the processes of a multi-process run (`config.distributed`, once per
+    process), writes `<workdir>/config.json` (process 0), runs the job."""
     validate(config)  # every field's type and range, before any import, file or compile
     if config.job not in jobs:
         raise ConfigError(f"unknown job '{config.job}'; set --config.job to one of {', '.join(sorted(jobs))}"
@@ -53,7 +55,9 @@ def run(config, workdir: str, jobs: Mapping[str, str] = JOBS, distilling=DISTILL
                           f"distillation applies to the fine-tunes of the {', '.join(distilling)} jobs (from "
                           f"their reference network); set --config.train.distill_weight=0")
     job = resolve(jobs[config.job])  # before any work: a missing extra fails here
+    # once per process, before any JAX computation; every job (and every job a job runs) shares it
+    multihost = initialize_from_config(config)
     os.makedirs(workdir, exist_ok=True)
-    with workdir_lock(workdir, multihost=config.get("multihost", False)):  # a second live run: one-line refusal
+    with workdir_lock(workdir, multihost=multihost):  # a second live run: one-line refusal
         write_json(os.path.join(workdir, "config.json"), config.to_dict())
         return job(config, workdir)

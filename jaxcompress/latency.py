@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from jaxcompress.distributed import is_primary
 from jaxcompress.timing import forward_latencies, interleaved_medians
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
@@ -131,7 +132,7 @@ class LatencyTable:
         return cls(here, path=path)
 
     def save(self) -> None:
-        if self.path:
+        if self.path and is_primary():  # one writer on many hosts
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             tmp = f"{self.path}.tmp"
             body = {"device": self.device, "entries": self.entries, "fits": self.fits}

@@ -21,7 +21,7 @@ from jaxcompress.latency import LatencyTable, device_key
 from jaxcompress.models import create_model
 from jaxcompress.quant.export import PackedFileError, export_packed, load_packed, read_packed
 from jaxcompress.train import Checkpointer, CheckpointError, create_train_state
-from jaxcompress.train.checkpoint import CHECKSUMS, MANIFEST, state_tree
+from jaxcompress.train.checkpoint import CHECKSUMS, MANIFEST, _drop_closed_loop_reports, state_tree
 from jaxcompress.workdir_lock import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,6 +232,34 @@ def test_step_committed_before_its_manifest_restores(saved, tmp_path):
     ckpt = Checkpointer(directory)
     assert ckpt.restore(_state(0))[1] == {"at": 7}
     ckpt.close()
+
+
+def _unretrieved_future_log(raiser_file: str, caplog) -> list[str]:
+    """Logs asyncio's report of a future whose exception, raised in code from
+    `raiser_file`, nobody retrieved (what Orbax's abandoned reads leave behind)."""
+    import asyncio
+    namespace = {}
+    exec(compile("def read():\n    raise Exception('Encountered error while reading array index')",
+                 raiser_file, "exec"), namespace)
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    try:
+        namespace["read"]()
+    except Exception as e:  # noqa: BLE001
+        future.set_exception(e)
+    loop.close()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        del future
+        gc.collect()
+    return [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+def test_abandoned_orbax_reads_are_not_reported_but_other_lost_futures_are(caplog):
+    _drop_closed_loop_reports()
+    assert _unretrieved_future_log("/site-packages/orbax/checkpoint/serialization.py", caplog) == []
+    (message,) = _unretrieved_future_log("/site-packages/mylib/reader.py", caplog)
+    assert message.startswith("Future exception was never retrieved")
 
 
 def test_restore_of_a_missing_step_is_one_line(saved):

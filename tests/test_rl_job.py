@@ -9,7 +9,8 @@ from configs import quickstart
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe
 from jaxcompress.rl import ElementEnv
-from jaxcompress.rl.job import check_search_config, search
+from jaxcompress.rl.job import search
+from jaxcompress.schema import validate
 
 
 def _config():
@@ -52,13 +53,13 @@ def test_element_search_job_end_to_end(tmp_path):
 def test_element_granularity_bad_settings():
     c = _config()
     c.search.latency_budget = 0.5
-    with pytest.raises(ConfigError, match="does not support search.latency_budget"):
-        check_search_config(c.search, c.hardware.multiple)
+    with pytest.raises(ConfigError, match="search.granularity='element': must be channel for search.latency_budget"):
+        validate(c)
     c = _config()
     c.search.scheme = "lasso"
-    with pytest.raises(ConfigError, match="scheme=lasso"):
-        check_search_config(c.search, c.hardware.multiple)
+    with pytest.raises(ConfigError, match="set --config.search.granularity or --config.search.latency_budget or --config.search.scheme"):
+        validate(c)
     c = _config()
     c.search.granularity = "kernel"
-    with pytest.raises(ConfigError, match="unknown search.granularity 'kernel'"):
-        check_search_config(c.search, c.hardware.multiple)
+    with pytest.raises(ConfigError, match="search.granularity='kernel': must be one of"):
+        validate(c)

@@ -33,7 +33,8 @@ SPECS = dict(SCHEMA.walk())
 FROZEN_DEFAULTS = {
     'job': ('str', 'train'),
     'seed': ('int', 0),
-    'multihost': ('bool', False),
+    'distributed': {'enabled': ('bool', False), 'coordinator_address': ('str', ''), 'num_processes': ('int', 0),
+                    'process_id': ('int', -1)},
     'hardware': {'multiple': ('int', None), 'latency_batch': ('int', 128)},
     'model': {'name': ('str', 'lenet5'), 'width_multiplier': ('float', 1.0)},
     'data': {'name': ('str', 'mnist'), 'data_dir': ('str', ''), 'image_size': ('int', 0), 'channels': ('int', 0),

@@ -18,10 +18,19 @@ class BatchIterator:
     Runs forever. The order within epoch `e` is a permutation that is a pure
     function of (seed, e), so `get_state()` -> `set_state()` resumes exactly.
     With drop_remainder=False the last batch of each epoch is smaller.
+
+    `batch_size` is the global batch. Of `process_count` processes (one per host of a
+    multi-host run; the caller passes `jax.process_index()`, `jax.process_count()`),
+    process `process_index` yields only its contiguous share of every global batch:
+    rows [p * b / n, (p + 1) * b / n) of it (`np.array_split` shares for a smaller last
+    batch), the permutation being the same on every process. `shard_batch` assembles the
+    shares into the global array. The position (`get_state`) counts global batches, so
+    it is the same on every process. `examples_read` counts the rows this process has
+    yielded.
     """
 
     def __init__(self, x, y, batch_size: int, seed: int, shuffle: bool = True,
-                 drop_remainder: bool = True):
+                 drop_remainder: bool = True, process_index: int = 0, process_count: int = 1):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
         if batch_size < 1:
@@ -29,13 +38,21 @@ class BatchIterator:
         if len(x) == 0 or (drop_remainder and len(x) < batch_size):
             raise ValueError(f"{len(x)} examples do not fill one batch of {batch_size}; use a "
                              f"smaller batch_size or drop_remainder=False.")
+        _check_processes(batch_size, process_index, process_count)
         self._x, self._y = x, y
         self._batch_size = int(batch_size)
         self._seed = int(seed)
         self._shuffle = shuffle
         self._drop_remainder = drop_remainder
+        self._process_index, self._process_count = int(process_index), int(process_count)
         self._epoch, self._index = 0, 0
         self._perm_epoch, self._perm = None, None
+        self.examples_read = 0
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch size (this process yields its share of it)."""
+        return self._batch_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -58,7 +75,9 @@ class BatchIterator:
             self._epoch, self._index = self._epoch + 1, 0
         start = self._index * self._batch_size
         idx = self._permutation(self._epoch)[start:start + self._batch_size]
+        idx = process_rows(idx, self._process_index, self._process_count)
         self._index += 1
+        self.examples_read += len(idx)
         return {"image": self._x[idx], "label": self._y[idx]}
 
     def get_state(self) -> dict[str, int]:
@@ -74,27 +93,48 @@ class BatchIterator:
         self._epoch, self._index = epoch, index
 
 
-def iterate_eval(x, y, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every example once, in order, in batches of exactly `batch_size`.
+def _check_processes(batch_size: int, process_index: int, process_count: int) -> None:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in 0..process_count-1 (process_count="
+                         f"{process_count}).")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} (the global batch) must be a multiple of the "
+                         f"{process_count} processes.")
+
+
+def process_rows(rows, process_index: int, process_count: int):
+    """This process's contiguous share of a global batch's `rows` (`np.array_split`:
+    equal shares when `process_count` divides the batch)."""
+    if process_count == 1:
+        return rows
+    return np.array_split(rows, process_count)[process_index]
+
+
+def iterate_eval(x, y, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, in order, in global batches of exactly `batch_size`.
 
     The last batch is zero-padded; the boolean "mask" marks real examples, so a
-    jitted eval step compiles once and sums metrics over mask only.
+    jitted eval step compiles once and sums metrics over mask only. With several
+    processes each yields its contiguous `batch_size / process_count` rows of every
+    padded global batch (as `BatchIterator`), so the sums over the global batch equal
+    one process's.
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    n = len(x)
-    for start in range(0, n, batch_size):
-        images, labels = x[start:start + batch_size], y[start:start + batch_size]
+    _check_processes(batch_size, process_index, process_count)
+    share = batch_size // process_count
+    for start in range(0, len(x), batch_size):
+        lo = start + process_index * share
+        images, labels = x[lo:lo + share], y[lo:lo + share]
         real = len(images)
-        mask = np.zeros(batch_size, bool)
+        mask = np.zeros(share, bool)
         mask[:real] = True
-        if real < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - real,) + images.shape[1:],
-                                                      images.dtype)])
-            labels = np.concatenate([labels, np.zeros((batch_size - real,) + labels.shape[1:],
-                                                      labels.dtype)])
+        if real < share:
+            images = np.concatenate([images, np.zeros((share - real,) + images.shape[1:], images.dtype)])
+            labels = np.concatenate([labels, np.zeros((share - real,) + labels.shape[1:], labels.dtype)])
         yield {"image": images, "label": labels, "mask": mask}
 
 

@@ -13,9 +13,8 @@ import time
 import jax
 from absl import logging
 
-from jaxcompress import cost, pipeline
-from jaxcompress.errors import ConfigError
-from jaxcompress.latency import check_latency_budget, latency_model
+from jaxcompress import cost, pipeline, schema
+from jaxcompress.latency import latency_model
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.plan import PrunePlan
 from jaxcompress.pruning.surgery import without_masks
@@ -26,31 +25,6 @@ from jaxcompress.train.loop import make_eval_fn
 from jaxcompress.train.metrics import write_json
 
 CRITERIA = C.CHANNEL_CRITERIA + ("lasso", "variational")
-
-
-def check_prune_config(cfg, latency_batch: int) -> None:
-    if cfg.criterion not in CRITERIA:
-        raise ConfigError(f"unknown prune.criterion '{cfg.criterion}'; choose one of {', '.join(CRITERIA)}")
-    if cfg.allocation not in ("uniform", "global"):
-        raise ConfigError(f"unknown prune.allocation '{cfg.allocation}'; choose uniform or global")
-    if not 0.0 < cfg.keep_ratio <= 1.0:
-        raise ConfigError(f"prune.keep_ratio={cfg.keep_ratio:g} is outside (0, 1]")
-    if cfg.flops_budget and cfg.latency_budget:
-        raise ConfigError("set at most one of prune.flops_budget and prune.latency_budget")
-    if cfg.flops_budget and not 0.0 < cfg.flops_budget <= 1.0:
-        raise ConfigError(f"prune.flops_budget={cfg.flops_budget:g} must be a fraction of the dense FLOPs in (0, 1]")
-    if cfg.latency_budget:
-        check_latency_budget(cfg.latency_budget, "prune.latency_budget")
-    if (cfg.flops_budget or cfg.latency_budget) and (cfg.keep_ratios or cfg.allocation != "uniform"):
-        raise ConfigError("a prune budget sets one uniform keep ratio: leave prune.keep_ratios empty and use "
-                          "prune.allocation=uniform")
-    if cfg.latency_budget and latency_batch < 1:
-        raise ConfigError("prune.latency_budget needs hardware.latency_batch >= 1 (the batch it is measured at)")
-    if cfg.iterations < 1:
-        raise ConfigError(f"prune.iterations must be >= 1, got {cfg.iterations}")
-    if cfg.iterations > 1 and cfg.criterion in ("lasso", "variational"):
-        raise ConfigError(f"gradual pruning (prune.iterations > 1) needs a score criterion, not "
-                          f"'{cfg.criterion}'; set --config.prune.iterations=1")
 
 
 def latency_keep_ratio(table, budget: float, scope: str, multiple: int | None, batch: int) -> tuple[float, float]:
@@ -89,7 +63,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
     -> fine-tune -> report."""
     wall_start = time.time()
     p, hw = config.prune, config.hardware
-    check_prune_config(p, hw.latency_batch)
+    schema.validate(config)  # called directly (not through jaxcompress.jobs.run): still checked first
     exp = setup_experiment(config)
     keep_ratio, predicted = budget_keep_ratio(exp.table, p, hw.multiple, hw.latency_batch)  # infeasible: fails here
     plan = PrunePlan.from_config(config, keep_ratio)

@@ -65,6 +65,7 @@ from flax import struct, traverse_util
 from tqdm.auto import trange
 
 from jaxcompress.data import BatchIterator, normalize, shard_batch
+from jaxcompress.distributed import process_slice
 from jaxcompress.errors import ConfigError
 from jaxcompress.layers.information_dropout import (ALPHA_MAX, ALPHA_MIN, information_dropout_alpha,
                                                     information_dropout_kl_relu)
@@ -268,7 +269,7 @@ def _num_train(train_iter, first_batch) -> int:
     steps = getattr(train_iter, "steps_per_epoch", None)
     if steps is None:
         raise ConfigError("cannot tell the training-set size from the iterator; pass num_train=")
-    return int(steps) * len(first_batch["label"])
+    return int(steps) * int(getattr(train_iter, "batch_size", None) or len(first_batch["label"]))  # global batch
 
 
 def fit_variational(table: ModelTable, variables: Mapping, train_iter: Iterator, mean, std, num_steps: int,
@@ -450,7 +451,9 @@ def variational_prune(exp, variables: Mapping, channel_rate: float | Mapping[str
     """
     v = dict(settings or {})
     x, y = exp.train
-    it = BatchIterator(x, y, int(v.get("batch_size", batch_size)), seed=seed)
+    process_index, process_count = process_slice()  # this process's rows of each global batch
+    it = BatchIterator(x, y, int(v.get("batch_size", batch_size)), seed=seed, process_index=process_index,
+                       process_count=process_count)
     result = fit_variational(
         exp.table, variables, it, exp.mean, exp.std, int(v.get("num_steps", 500)),
         float(v.get("learning_rate", learning_rate)), float(v.get("beta", 1.0)), seed,

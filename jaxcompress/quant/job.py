@@ -34,26 +34,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from jaxcompress import cost
+from jaxcompress import cost, schema
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import measured_latency
 from jaxcompress.models import ModelTable, create_model, describe
 from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.quant import budget as B
-from jaxcompress.quant.calibrate import calibrate_ranges, check_calibration
+from jaxcompress.quant.calibrate import calibrate_ranges
 from jaxcompress.quant.export import compare_outputs, export_packed, fold_batchnorm, load_packed, norm_epsilons
-from jaxcompress.quant.policy import (SUPPORTED_BITS_A, SUPPORTED_BITS_W, _as_bits, make_quant, resolve_bits,
-                                      write_policy)
+from jaxcompress.quant.policy import make_quant, resolve_bits, write_policy
 from jaxcompress.quant.qat import QuantRecipe, make_quantized_apply, quantize_state, train_qat
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer
 from jaxcompress.report import plot_layer_bars
 from jaxcompress.train import Experiment, Recipe, Teacher, TrainState, create_train_state, setup_experiment
-from jaxcompress.train.checkpoint import CheckpointError
+from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
 from jaxcompress.train.loop import load_trained, make_eval_fn, train_and_evaluate
 from jaxcompress.train.metrics import write_json
 
@@ -73,43 +71,6 @@ def qat_recipe(config) -> Recipe:
     return Recipe.from_config(config).replace(num_epochs=q.qat_epochs, learning_rate=q.qat_learning_rate)
 
 
-def check_quant_config(q) -> None:
-    """Every check that needs no data or model: one-line ConfigError."""
-    if q.mode not in MODES:
-        raise ConfigError(f"unknown quant.mode '{q.mode}'; choose one of {', '.join(MODES)}")
-    WeightQuantizer(q.scheme, q.granularity)  # unknown scheme / granularity
-    check_calibration(q.calibration, None, q.percentile)
-    if q.calib_batches <= 0 or q.calib_batch_size <= 0:
-        raise ConfigError(f"calibration data is empty: quant.calib_batches={q.calib_batches} and "
-                          f"quant.calib_batch_size={q.calib_batch_size} must both be positive")
-    _as_bits(q.bits_w, "quant.bits_w", "every layer", SUPPORTED_BITS_W)
-    _as_bits(q.bits_a, "quant.bits_a", "every layer", SUPPORTED_BITS_A)
-    _as_bits(q.min_bits_w, "quant.min_bits_w", "the budget", SUPPORTED_BITS_W)
-    _as_bits(q.first_last_min_bits, "quant.first_last_min_bits", "the budget", SUPPORTED_BITS_W)
-    if q.allocation not in ALLOCATIONS:
-        raise ConfigError(f"unknown quant.allocation '{q.allocation}'; choose one of {', '.join(ALLOCATIONS)}")
-    budgets = {k: q[k] for k in ("budget_bytes", "budget_ratio", "budget_uniform_bits", "budget_bitops") if q[k]}
-    if any(v < 0 for v in budgets.values()):
-        raise ConfigError(f"quant budgets must be non-negative, got {budgets}")
-    if len(budgets) > 1:
-        raise ConfigError(f"give at most one quant budget, got {', '.join(budgets)}")
-    if q.budget_uniform_bits:
-        _as_bits(q.budget_uniform_bits, "quant.budget_uniform_bits", "the budget", SUPPORTED_BITS_W)
-    if q.allocation == "sensitivity" and not (budgets and "budget_bitops" not in budgets):
-        raise ConfigError("quant.allocation=sensitivity needs a size budget (quant.budget_bytes, budget_ratio "
-                          "or budget_uniform_bits)")
-    if q.pruned_checkpoint and q.prune_first:
-        raise ConfigError("set either quant.pruned_checkpoint (quantize a pruned network) or quant.prune_first "
-                          "(prune here first), not both")
-    if q.mode == "qat" and q.qat_epochs <= 0:
-        raise ConfigError(f"quant.qat_epochs must be positive for quant.mode=qat, got {q.qat_epochs}")
-    for key in ("index_bits_conv", "index_bits_dense"):
-        if not 1 <= q[key] <= 16:
-            raise ConfigError(f"quant.{key}={q[key]} is outside 1..16")
-    if q.policy and not os.path.isfile(q.policy):
-        raise ConfigError(f"quant.policy file {q.policy} does not exist")
-
-
 def requested_bits(q, table: ModelTable, model_name: str) -> tuple[dict[str, int], dict[str, int]]:
     """{layer: bits_w}, {layer: bits_a} from `config.quant`'s uniform values, per-layer
     overrides and policy file (`resolve_bits`), before any budget."""
@@ -125,19 +86,9 @@ def requested_bits(q, table: ModelTable, model_name: str) -> tuple[dict[str, int
 # ------------------------------------------------------------------------------------------------
 
 def _restore_raw(directory: str) -> dict:
-    """The saved TrainState tree of the latest step in `directory`, in its own structure."""
-    manager = ocp.CheckpointManager(os.path.abspath(directory))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {directory}")
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        except Exception as e:  # orbax raises many types for corrupt files
-            raise CheckpointError(f"cannot restore the checkpoint in {directory} ({type(e).__name__})") from None
-    finally:
-        manager.close()
-    return dict(restored.state)
+    """The saved TrainState tree of the latest intact step in `directory`, in its own structure."""
+    with Checkpointer(directory) as ckpt:
+        return dict(ckpt.restore_tree(None)[0])
 
 
 def pruned_checkpoint_dir(directory: str) -> str:
@@ -359,7 +310,7 @@ def quantize(config, workdir: str) -> dict:
     summary.json, model.npz, policy.json, bits.png (see the module docstring)."""
     wall_start = time.time()
     q = config.quant
-    check_quant_config(q)
+    schema.validate(config)  # called directly (not through jaxcompress.jobs.run): still checked first
     qrecipe, index_bits = QuantRecipe.from_config(config), index_bits_from_config(q)
     exp = setup_experiment(config)
     requested_bits(q, exp.table, config.model.name)  # names and ranges: fail before any training

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcompress.distributed import is_primary  # noqa: E402
+
 
 def plot_layer_bars(path: str, names: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
                     title: str) -> str:
@@ -24,7 +26,8 @@ def plot_layer_bars(path: str, names: Sequence[str], series: Mapping[str, Sequen
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    if is_primary():  # one writer on many hosts
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

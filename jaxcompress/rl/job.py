@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcompress import cost, pipeline
+from jaxcompress import cost, pipeline, schema
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
-from jaxcompress.latency import check_latency_budget, latency_model
+from jaxcompress.latency import latency_model
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.plan import PrunePlan
 from jaxcompress.pruning.surgery import without_masks
@@ -46,10 +46,10 @@ from jaxcompress.quant.job import export_and_verify, index_bits_from_config
 from jaxcompress.quant.policy import make_quant, write_policy
 from jaxcompress.rl import report
 from jaxcompress.rl.ddpg import DDPG, DDPGConfig
-from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv, check_bits_bounds, check_prune_bounds
-from jaxcompress.rl.evaluate import EVAL_MODES, make_element_evaluator, make_prune_evaluator, make_quant_evaluator
+from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv
+from jaxcompress.rl.evaluate import make_element_evaluator, make_prune_evaluator, make_quant_evaluator
 from jaxcompress.rl.ppo import PPO, PPOConfig
-from jaxcompress.rl.search import COST_NORMS, REWARDS, channel_ranks, make_reward_fn, run_search
+from jaxcompress.rl.search import channel_ranks, make_reward_fn, run_search
 from jaxcompress.timing import forward_latencies
 from jaxcompress.train import Recipe, Teacher, setup_experiment
 from jaxcompress.train.loop import make_eval_fn
@@ -78,55 +78,6 @@ def _fields(cls, cfg) -> dict:
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {', '.join(sorted(names))}")
     return given
-
-
-def check_search_config(s, multiple: int | None) -> None:
-    """Every check that needs no data: one-line ConfigError before any work."""
-    if s.agent not in AGENTS:
-        raise ConfigError(f"unknown search.agent '{s.agent}'; choose one of {', '.join(AGENTS)}")
-    if s.num_actors < 1:
-        raise ConfigError(f"search.num_actors={s.num_actors} must be >= 1 (parallel actors per iteration)")
-    if s.episodes < 1:
-        raise ConfigError(f"search.episodes={s.episodes} must be >= 1")
-    check_prune_bounds(s.flops_budget, s.a_min, s.a_max, multiple)
-    if s.latency_budget:
-        check_latency_budget(s.latency_budget, "search.latency_budget")
-    if not 0.0 <= s.params_budget <= 1.0:
-        raise ConfigError(f"search.params_budget={s.params_budget:g} must be a fraction in (0, 1], or 0 for none")
-    if s.reward not in REWARDS:
-        raise ConfigError(f"unknown search.reward '{s.reward}'; choose one of {', '.join(REWARDS)}")
-    if s.cost_norm not in COST_NORMS:
-        raise ConfigError(f"unknown search.cost_norm '{s.cost_norm}'; choose one of {', '.join(COST_NORMS)}")
-    if s.scheme not in SCHEMES:
-        raise ConfigError(f"unknown search.scheme '{s.scheme}'; choose one of {', '.join(SCHEMES)}")
-    if s.granularity not in GRANULARITIES:
-        raise ConfigError(f"unknown search.granularity '{s.granularity}'; choose one of {', '.join(GRANULARITIES)}")
-    if s.granularity == "element":
-        unsupported = [name for name, on in (("latency_budget", s.latency_budget),
-                                             ("scheme=" + s.scheme, s.scheme in ("lasso", "variational"))) if on]
-        if unsupported:
-            raise ConfigError(f"search.granularity=element (magnitude element pruning) does not support "
-                              f"search.{', search.'.join(unsupported)}; use search.granularity=channel for them")
-    if s.element_iterations < 1:
-        raise ConfigError(f"search.element_iterations={s.element_iterations} must be >= 1")
-    if s.rank_criterion not in ("l1", "l2", "bn"):
-        raise ConfigError(f"search.rank_criterion='{s.rank_criterion}' must be l1, l2 or bn")
-    if s.eval_mode not in EVAL_MODES:
-        raise ConfigError(f"unknown search.eval_mode '{s.eval_mode}'; choose one of {', '.join(EVAL_MODES)}")
-    if s.candidate_finetune_steps < 0 or s.candidate_finetune_batch < 1:
-        raise ConfigError("search.candidate_finetune_steps must be >= 0 and candidate_finetune_batch >= 1")
-    if s.eval_size < 1:
-        raise ConfigError(f"search.eval_size={s.eval_size} must be >= 1 validation images")
-    q = s.quant
-    if q.episodes < 0:
-        raise ConfigError(f"search.quant.episodes={q.episodes} must be >= 0 (0 skips stage 2)")
-    if q.episodes:
-        check_bits_bounds(q.bits_budget, q.b_min, q.b_max)
-        if q.bits_a and not (float(q.bits_a).is_integer() and 2 <= q.bits_a <= 8):
-            raise ConfigError(f"search.quant.bits_a={q.bits_a:g} must be 0 (float activations) or 2..8")
-    make_agent(s.agent, s, 1)
-    if q.episodes and q.agent:
-        make_agent(q.agent, s, 1)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -212,7 +163,7 @@ def search(config, workdir: str) -> dict:
     fine-tune -> stage 2 (bits) -> QAT + export -> reports."""
     wall_start = time.time()
     s, hw = config.search, config.hardware
-    check_search_config(s, hw.multiple)
+    schema.validate(config)  # called directly (not through jaxcompress.jobs.run): still checked first
     exp = setup_experiment(config)
     table = exp.table
     env = make_env(s, table, hw.multiple)  # an infeasible budget fails here, before any training or evaluation

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcompress.distributed import is_primary  # noqa: E402
+
 
 def pareto_front(cost: Sequence[float], accuracy: Sequence[float]) -> list[int]:
     """Indices of the non-dominated points (lower cost and higher accuracy are better),
@@ -56,9 +58,10 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if is_primary():  # one writer on many hosts
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

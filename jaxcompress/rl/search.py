@@ -24,20 +24,20 @@ cost: FLOPs for pruning, weight bits for quantization):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import struct
 
 from jaxcompress.errors import ConfigError, NonFiniteError
+from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.steps import all_finite
 
 REWARDS = ("acc", "flops", "log_flops")
@@ -200,34 +200,6 @@ class SearchResult:
                     values=np.asarray(s.best_values).tolist(), actions=np.asarray(s.best_actions).tolist())
 
 
-class _Checkpoints:
-    def __init__(self, directory: str):
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-
-    def latest(self):
-        return self.manager.latest_step()
-
-    def save(self, step: int, state: SearchState, history: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        history=ocp.args.JsonSave(history)), force=True)
-
-    def restore(self, template: SearchState):
-        step = self.manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                     history=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many types for mismatched trees
-            raise ConfigError(f"cannot resume the search from {self.manager.directory} ({type(e).__name__}); it was "
-                              f"written by another search config: delete it or use a new --workdir") from None
-        return out.state, dict(out.history)
-
-    def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
 # ------------------------------------------------------------------------------------ compile cache
 
 @dataclasses.dataclass(frozen=True)
@@ -307,20 +279,11 @@ def run_search(env, agent, evaluate: Callable, reward_fn: Callable, data, *, num
     iterations = -(-episodes // num_actors)
     state = init_search_state(env, agent, seed)
     history: dict = {"metrics": []}
-    ckpt = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
-    try:
+    # checksummed (the last one kept); divergence, Ctrl-C, ...: the checkpoints on disk stand
+    with Checkpointer(checkpoint_dir, max_to_keep=1) if checkpoint_dir else contextlib.nullcontext() as ckpt:
         state, history, start, compile_time = _search_iterations(
             ckpt, checkpoint_dir, state, history, IterationSpec(env, agent, evaluate, reward_fn, num_actors), data,
             num_actors, iterations, checkpoint_every, log_every, name)
-    except BaseException:  # divergence, Ctrl-C, ...: finish Orbax's work; the checkpoints on disk stand
-        if ckpt is not None:
-            try:
-                ckpt.close()
-            except Exception as e:  # already failing: that error is the one to report
-                logging.debug("closing %s: %s", checkpoint_dir, e)
-        raise
-    if ckpt is not None:
-        ckpt.close()
     return SearchResult(state=state, history=history, wall_time_s=time.time() - start, compile_time_s=compile_time)
 
 
@@ -328,10 +291,11 @@ def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec
                        checkpoint_every, log_every, name):
     """`run_search`'s loop (resume, iterations, logs, checkpoints) with its checkpointer open.
     Returns (state, history, start time, compile seconds)."""
-    if ckpt is not None and ckpt.latest() is not None:
-        state, history = ckpt.restore(state)
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore_tree(state)
+        history = meta["history"]
         logging.info("%s: resumed at episode %d from %s", name, int(state.episode), checkpoint_dir)
-    last_saved = ckpt.latest() if ckpt is not None else None
+    last_saved = ckpt.latest_step() if ckpt is not None else None
     state = jax.tree.map(jnp.array, state)  # fresh buffers: targets start as copies, and the step donates
     data = on_one_device(data)
     start = time.time()
@@ -357,6 +321,6 @@ def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec
                          (it + 1) * num_actors, iterations * num_actors, r.mean(), r.max(), float(state.best_reward),
                          float(state.best_accuracy))
         if ckpt is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
-            ckpt.save(it + 1, state, history)
+            ckpt.save_tree(it + 1, state, {"history": history})
             last_saved = it + 1
     return state, history, start, compile_time

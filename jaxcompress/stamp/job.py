@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcompress import cost, pipeline
-from jaxcompress.data import (channel_stats, load_dataset, normalize, select_classes, split_validation,
+from jaxcompress import cost, pipeline, schema
+from jaxcompress.data import (channel_stats, load_dataset, normalize, split_validation,
                               stratified_subset)
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import measured_latency
@@ -39,8 +39,9 @@ from jaxcompress.pruning import criteria as C
 from jaxcompress.stamp import deploy as D
 from jaxcompress.stamp.encoder import SetEncoder, pretrained_features
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective, check_budget
-from jaxcompress.stamp.meta import ALGORITHMS, MetaState, Stamp, TaskSampler, meta_train
-from jaxcompress.train.experiment import Experiment
+from jaxcompress.stamp.meta import META_CHECKPOINTS, MetaState, Stamp, TaskSampler, meta_train
+from jaxcompress.train.checkpoint import Checkpointer
+from jaxcompress.train.experiment import Experiment, pick_classes
 from jaxcompress.train.loop import load_trained, make_eval_fn
 from jaxcompress.train.metrics import write_json
 from jaxcompress.train.recipe import Recipe
@@ -51,46 +52,9 @@ BUDGET_PENALTIES = ("target", "hinge")
 METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "bbdropout", "scratch")
 
 
-def check_stamp_config(config) -> None:
-    """Every check that needs no data: fails with one line before any work."""
-    s = config.stamp
-    if s.set_size <= 0:
-        raise ConfigError(f"stamp.set_size must be positive, got {s.set_size}; the set encoder needs examples")
-    if s.algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown stamp.algorithm '{s.algorithm}'; choose one of {', '.join(ALGORITHMS)}")
-    if s.pooling not in ("pma", "mean"):
-        raise ConfigError(f"unknown stamp.pooling '{s.pooling}'; choose pma or mean")
-    if s.instance not in ("pretrained", "stem"):
-        raise ConfigError(f"unknown stamp.instance '{s.instance}'; choose pretrained or stem")
-    if s.budget_penalty not in BUDGET_PENALTIES:
-        raise ConfigError(f"unknown stamp.budget_penalty '{s.budget_penalty}'; "
-                          f"choose {' or '.join(BUDGET_PENALTIES)}")
-    if s.mask_mode not in ("threshold", "budget"):
-        raise ConfigError(f"unknown stamp.mask_mode '{s.mask_mode}'; choose threshold or budget")
-    unknown = sorted(set(s.methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"unknown stamp.methods {unknown}; choose from {', '.join(METHODS)}")
-    if not s.reference_classes:
-        raise ConfigError("stamp.reference_classes is empty; name the reference classes, e.g. (0, 1, 2, 3, 4)")
-    target_name = s.target.name or config.data.name
-    if target_name == config.data.name and not s.allow_overlap:
-        overlap = sorted(set(s.reference_classes) & set(s.target.classes or ()))
-        if overlap or not s.target.classes:
-            raise ConfigError(f"reference and target share classes {overlap or 'all'} of {target_name}; "
-                              f"choose disjoint stamp.target.classes or set stamp.allow_overlap=True")
-    head = s.head_classes or len(s.reference_classes)
-    if s.target.classes and len(s.target.classes) > head:
-        raise ConfigError(f"the target has {len(s.target.classes)} classes but the network head supports {head}; "
-                          f"use at most {head} target classes or raise stamp.head_classes")
-
-
-def _split(name, data_dir, image_size, channels, classes, max_train, val_size, seed):
+def _split(name, data_dir, image_size, channels, classes, field, max_train, val_size, seed):
     ds = load_dataset(name, data_dir=data_dir or None, image_size=image_size or None, channels=channels or None)
-    (xtr, ytr), (xte, yte), k = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test), ds.num_classes
-    if classes:
-        xtr, ytr = select_classes(xtr, ytr, classes)
-        xte, yte = select_classes(xte, yte, classes)
-        k = len(classes)
+    (xtr, ytr), (xte, yte), k = pick_classes(ds, classes, field)
     (xtr, ytr), (xva, yva) = split_validation(xtr, ytr, val_size, seed=seed)
     xtr, ytr = stratified_subset(xtr, ytr, max_train, seed)
     return (xtr, ytr.astype(np.int32)), (xva, yva.astype(np.int32)), (xte, yte.astype(np.int32)), k
@@ -139,10 +103,10 @@ def load_experiments(config) -> tuple[Experiment, Experiment]:
     get_spec(config.model.name)
     mesh = make_mesh()
     ref_split = _split(d.name, d.data_dir, d.image_size, d.channels, tuple(s.reference_classes),
-                       s.reference_train_size, s.val_size, config.seed)
+                       "stamp.reference_classes", s.reference_train_size, s.val_size, config.seed)
     same = not t.name or t.name == d.name  # the target's images are prepared like the reference's
     tgt_split = _split(t.name or d.name, t.data_dir or d.data_dir, t.image_size or (d.image_size if same else 0),
-                       t.channels or (d.channels if same else 0), tuple(t.classes), s.target_train_size,
+                       t.channels or (d.channels if same else 0), tuple(t.classes), "stamp.target.classes", s.target_train_size,
                        s.val_size, config.seed)
     head = s.head_classes or ref_split[3]
     if tgt_split[3] > head:
@@ -181,8 +145,36 @@ def sparsity_objective(s, num_examples: int) -> SparsityObjective:
                              penalty=s.budget_penalty)
 
 
-def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, directory: str, seed: int
-                     ) -> tuple[Stamp, MetaState, float]:
+# the fields that shape STAMP's meta-parameters (and what they were trained on): a meta checkpoint
+# written with other values cannot be resumed or deployed with these
+META_SETTINGS = ("data.name", "data.image_size", "data.channels", "model.name", "model.width_multiplier",
+                 "stamp.reference_classes", "stamp.head_classes", "stamp.scope", "stamp.instance",
+                 "stamp.feature_convs", "stamp.pooling", "stamp.embed_dim", "stamp.num_heads", "stamp.meta_weights")
+
+
+def meta_settings(config) -> dict:
+    """{field: value} of `META_SETTINGS`, as JSON values (recorded in every meta checkpoint)."""
+    return {path: list(v) if isinstance(v, tuple) else v
+            for path, v in ((p, schema.get(config, p)) for p in META_SETTINGS)}
+
+
+def check_meta_checkpoint(directory: str, settings: dict) -> None:
+    """A one-line ConfigError, before any work, when the meta-training in `directory`
+    (if any) was written with other `meta_settings` than `settings`."""
+    ckpt_dir = os.path.join(directory, META_CHECKPOINTS)
+    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+        return
+    with Checkpointer(ckpt_dir) as ckpt:
+        saved = ckpt.read_meta().get("settings", {})
+    for path, value in settings.items():
+        if path in saved and saved[path] != value:
+            raise ConfigError(f"{path}={schema.show(value)}: must be {schema.show(saved[path])}, as in the "
+                              f"meta-training in {directory}; set --config.{path}={schema.show(saved[path])}, or "
+                              f"meta-train afresh into a new --workdir (or stamp.meta_checkpoint)")
+
+
+def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, directory: str, seed: int,
+                     settings: dict) -> tuple[Stamp, MetaState, float]:
     """Stage 2: the set encoder and mask generator (the `stamp` section `s`) meta-trained
     on tasks of the reference experiment `exp` into `directory` (resumable). Returns
     (the Stamp, its meta-trained state, the stage's wall time)."""
@@ -201,7 +193,7 @@ def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, d
                               inner_batch=s.inner_batch, query_size=s.query_size, seed=seed, set_inputs=feats)
         return meta_train(stamp, sampler, num_steps=s.meta_steps, tasks_per_step=s.tasks_per_step,
                           learning_rate=s.meta_learning_rate, workdir=directory, seed=seed,
-                          checkpoint_every=s.checkpoint_every)[0]
+                          checkpoint_every=s.checkpoint_every, settings=settings)[0]
 
     meta_state, seconds = _stage_time(os.path.join(directory, "stage_time.json"), metatrain)
     return stamp, meta_state, seconds
@@ -358,16 +350,18 @@ def stamp_summary(config, ref_exp: Experiment, target: TargetSide, *, ref_accura
 def run(config, workdir: str) -> dict:
     """The `stamp` job (module docstring): returns (and writes) summary.json."""
     wall_start = time.time()
-    check_stamp_config(config)
+    schema.validate(config)  # called directly (not through jaxcompress.jobs.run): still checked first
     s, multiple = config.stamp, config.hardware.multiple
+    meta_dir = s.meta_checkpoint or os.path.join(workdir, "meta")
+    check_meta_checkpoint(meta_dir, meta_settings(config))
     ref_exp, tgt_exp = load_experiments(config)
     layout = GroupLayout(ref_exp.table, tuple(C.prunable_groups(ref_exp.table, s.scope)))
     check_budget(layout, s.budget, s.budget_metric, multiple)
     recipe = Recipe.from_config(config)
     variables, pretrain_time, ref_accuracy = pretrain_reference(
         ref_exp, recipe, s.pretrained or os.path.join(workdir, "pretrain"), train=not s.pretrained)
-    stamp, meta_state, meta_time = meta_train_stamp(s, layout, ref_exp, variables,
-                                                    s.meta_checkpoint or os.path.join(workdir, "meta"), config.seed)
+    stamp, meta_state, meta_time = meta_train_stamp(s, layout, ref_exp, variables, meta_dir, config.seed,
+                                                    meta_settings(config))
     target = TargetSide(tgt_exp, layout, variables, workdir, config.seed, recipe.eval_batch_size)
     ft = recipe.replace(num_epochs=s.finetune_epochs, learning_rate=s.finetune_learning_rate)
     stamp_widths = deploy_stamp(target, stamp, meta_state.params, s, ft, multiple, pretrain_time + meta_time)

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import struct
 
@@ -41,6 +40,7 @@ from jaxcompress.errors import ConfigError, NonFiniteError
 from jaxcompress.stamp import kumaraswamy as K
 from jaxcompress.stamp.encoder import SetEncoder
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective
+from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.metrics import MetricWriter
 from jaxcompress.train.steps import all_finite, cross_entropy
 
@@ -271,10 +271,15 @@ def _tree(state: MetaState) -> dict:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
 
+META_CHECKPOINTS = "checkpoints"  # meta-training's checkpoints, under its workdir
+
+
 def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_step: int, learning_rate: float,
-               workdir: str, seed: int = 0, checkpoint_every: int = 50, log_every: int = 10
-               ) -> tuple[MetaState, dict]:
+               workdir: str, seed: int = 0, checkpoint_every: int = 50, log_every: int = 10,
+               settings: dict | None = None) -> tuple[MetaState, dict]:
     """Runs (or resumes) meta-training into `workdir`; returns the final state and timing.
+    Each checkpoint (checksummed, `jaxcompress.train.Checkpointer`) records `settings`
+    (JSON: what shaped the meta-parameters), which a later run checks before any work.
 
     The logged metrics are summed on device and read every `log_every` steps. A NaN or
     inf loss, metric or meta-parameter stops meta-training with a `NonFiniteError` naming
@@ -284,19 +289,9 @@ def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_
     tx = optax.adam(learning_rate)
     probe = sampler.sample(0, 1)
     state = stamp.create_state(jax.random.key(seed), probe["set_x"][0], probe["set_y"][0], tx)
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-    try:
-        state, start = _meta_train_steps(stamp, sampler, state, manager, num_steps, tasks_per_step, workdir,
-                                         checkpoint_every, log_every)
-    except BaseException:  # NaN, Ctrl-C, ...: finish Orbax's work; the checkpoints on disk stand
-        try:
-            manager.close()
-        except Exception as e:  # already failing: that error is the one to report
-            logging.debug("closing %s: %s", directory, e)
-        raise
-    manager.wait_until_finished()
-    manager.close()
+    with Checkpointer(os.path.join(workdir, META_CHECKPOINTS), max_to_keep=2) as ckpt:
+        state, start = _meta_train_steps(stamp, sampler, state, ckpt, num_steps, tasks_per_step, workdir,
+                                         checkpoint_every, log_every, dict(settings or {}))
     return state, {"meta_train_time_s": time.time() - start}
 
 
@@ -311,24 +306,23 @@ def _checked_meta_step(stamp: Stamp):
     return step
 
 
-def _meta_train_steps(stamp, sampler, state, manager, num_steps, tasks_per_step, workdir, checkpoint_every,
-                      log_every):
-    if manager.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(state))
-        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, tasks_per_step, workdir,
+                      checkpoint_every, log_every, settings: dict):
+    if ckpt.latest_step() is not None:
+        restored, _ = ckpt.restore_tree(_tree(state))
         state = state.replace(**restored)
         logging.info("stamp: resumed meta-training at step %d", int(state.step))
     step_fn = jax.jit(_checked_meta_step(stamp), donate_argnums=(0,))
     writer = MetricWriter(workdir)
     step = int(state.step)
-    last_saved = manager.latest_step()
+    last_saved = ckpt.latest_step()
     first_bad = jnp.zeros((), jnp.int32)
     start, sums, n = time.time(), None, 0
 
     def check():
         bad = int(jax.device_get(first_bad))
         if bad:
-            kept = (f"the last good checkpoint, step {last_saved} in {manager.directory}, is kept"
+            kept = (f"the last good checkpoint, step {last_saved} in {ckpt.directory}, is kept"
                     if last_saved is not None else "no checkpoint was saved")
             raise NonFiniteError(f"STAMP meta-training into {workdir} stopped: a loss or the meta-parameters became "
                                  f"NaN or inf at meta step {bad}/{num_steps}; {kept}; lower stamp.meta_learning_rate"
@@ -349,7 +343,7 @@ def _meta_train_steps(stamp, sampler, state, manager, num_steps, tasks_per_step,
             sums, n = None, 0
         if step % checkpoint_every == 0 or step == num_steps:
             check()
-            manager.save(step, args=ocp.args.StandardSave(_tree(state)))
+            ckpt.save_tree(step, _tree(state), {"settings": settings})
             last_saved = step
     check()
     return state, start

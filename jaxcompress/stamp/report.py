@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jaxcompress.distributed import is_primary  # noqa: E402
+
 
 def plot_accuracy_vs_time(path: str, results: dict, title: str) -> str:
     """Left: final test accuracy against target-side wall time, one point per method.
@@ -35,7 +37,8 @@ def plot_accuracy_vs_time(path: str, results: dict, title: str) -> str:
         a.set_xscale("log")
         a.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    if is_primary():  # one writer on many hosts
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

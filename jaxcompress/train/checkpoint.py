@@ -20,7 +20,8 @@ file of the step, and `Checkpointer.restore` verifies it before Orbax reads anyt
 
 Every error path closes the Orbax manager (its async work finished), and the
 "Event loop is closed" reports that Orbax's abandoned reads send to
-`sys.unraisablehook` after a failed restore are dropped (`_drop_closed_loop_reports`).
+`sys.unraisablehook` after a failed restore, and asyncio's "exception was never
+retrieved" logs of the same reads, are dropped (`_drop_closed_loop_reports`).
 """
 from __future__ import annotations
 
@@ -146,6 +147,23 @@ def _drop_closed_loop_reports() -> None:
 
     hook._jaxcompress_drops_closed_loop = True
     sys.unraisablehook = hook
+    py_logging.getLogger("asyncio").addFilter(_AbandonedOrbaxRead())
+
+
+class _AbandonedOrbaxRead(py_logging.Filter):
+    """The other face of the same abandoned reads: a read that fails after the loop
+    closed is garbage-collected unretrieved, and asyncio logs "Future/Task exception was
+    never retrieved" with its traceback. Drop those whose exception Orbax raised."""
+
+    def filter(self, record):
+        if not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved"):
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
 
 
 class _MetadataNoise(py_logging.Filter):
@@ -216,9 +234,12 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def save(self, state: TrainState, meta: dict) -> None:
-        """Saves `state` and `meta` as step `state.step` (a no-op if it exists), waits for
-        Orbax to finish it and writes its manifest."""
-        step = int(jax.device_get(state.step))
+        """Saves `state` and `meta` as step `state.step` (a no-op if it exists)."""
+        self.save_tree(int(jax.device_get(state.step)), state_tree(state), meta)
+
+    def save_tree(self, step: int, tree, meta: dict) -> None:
+        """Saves any pytree of arrays plus JSON `meta` as `step` (a no-op if it exists),
+        waits for Orbax to finish it and writes its manifest."""
         self._set_aside_corrupt()
         if step in self.manager.all_steps():
             return
@@ -227,7 +248,7 @@ class Checkpointer:
             primary = jax.process_index() == 0  # one writer of the manifests (multi-host: a shared directory)
             if primary:
                 self._mark_unchecked(add={step})
-            saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
+            saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                                     meta=ocp.args.JsonSave(meta)))
             self.manager.wait_until_finished()
             if primary:
@@ -252,6 +273,12 @@ class Checkpointer:
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """Restores `step` (default: the latest intact one, see the module docstring) into
         the structure and shardings of `template`. Returns (state, meta)."""
+        tree, meta = self.restore_tree(state_tree(template), step)
+        return template.replace(**tree), meta
+
+    def intact_step(self, step: int | None = None) -> int:
+        """`step`, checked against its manifest, or (None) the latest intact step; a
+        one-line `CheckpointError` when there is none."""
         if step is None:
             candidates = sorted(self.manager.all_steps(), reverse=True)
             if not candidates:
@@ -277,7 +304,24 @@ class Checkpointer:
             logging.warning("checkpoint step %d in %s is corrupt (%s); using step %d, the latest intact one",
                             bad[0][0], self.directory, bad[0][1], found)
             self._corrupt.update(s for s, _ in bad)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(template))
+        return found
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON metadata of `step` (default: the latest intact one), without reading
+        its arrays: what a job checks its settings against before any work."""
+        found = self.intact_step(step)
+        try:
+            with open(os.path.join(self.step_dir(found), "meta", "metadata")) as f:
+                return dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot read the metadata of checkpoint step {found} in {self.directory} "
+                                  f"({type(e).__name__}); delete it or use a new --workdir") from None
+
+    def restore_tree(self, template, step: int | None = None) -> tuple[object, dict]:
+        """Restores `step` (default: the latest intact one) into the structure, dtypes and
+        shardings of the pytree `template` (None: as saved). Returns (tree, meta)."""
+        found = self.intact_step(step)
+        abstract = None if template is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         _drop_closed_loop_reports()
         try:
             restored = self.manager.restore(found, args=ocp.args.Composite(
@@ -290,7 +334,7 @@ class Checkpointer:
         except BaseException:
             self._abandon()
             raise
-        return template.replace(**restored.state), dict(restored.meta)
+        return restored.state, dict(restored.meta or {})
 
     def _unchecked_steps(self) -> set[int] | None:
         """The steps of this directory that may lack a manifest (`jaxcompress_checksums.json`):
@@ -348,6 +392,17 @@ class Checkpointer:
                 manager.close()
             except Exception as e:  # already failing: the caller's error is the one to report
                 logging.debug("closing the checkpoint manager of %s: %s", self.directory, e)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Closes the manager; after an error (NaN, Ctrl-C, ...) without raising its own:
+        the checkpoints on disk stand, and the caller's error is the one to report."""
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
 
     def close(self) -> None:
         manager, self._manager = self._manager, None

@@ -10,10 +10,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from jaxcompress.data import channel_stats, load_dataset, select_classes, split_validation, stratified_subset
+from jaxcompress.data import Dataset, channel_stats, load_dataset, select_classes, split_validation, stratified_subset
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import ModelTable, create_model, describe, get_spec
-from jaxcompress.train import optim
 from jaxcompress.train.steps import make_mesh
 
 
@@ -47,51 +46,46 @@ class Experiment:
 
 
 def check_train_config(cfg, num_devices: int) -> None:
-    if cfg.optimizer not in optim.OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{cfg.optimizer}'; set --config.train.optimizer to one of "
-                          f"{', '.join(optim.OPTIMIZERS)}")
-    if cfg.schedule not in optim.SCHEDULES:
-        raise ConfigError(f"unknown schedule '{cfg.schedule}'; set --config.train.schedule to one of "
-                          f"{', '.join(optim.SCHEDULES)}")
+    """What the schema cannot know: the batches split evenly over this run's devices."""
     for key in ("batch_size", "eval_batch_size"):
         size = getattr(cfg, key)
         if size <= 0 or size % num_devices:
             raise ConfigError(f"train.{key}={size} must be a positive multiple of the {num_devices} devices; "
                               f"set --config.train.{key} to e.g. {num_devices * max(1, size // num_devices)}")
-    if cfg.num_epochs <= 0:
-        raise ConfigError(f"train.num_epochs must be positive, got {cfg.num_epochs}")
-    if not 0.0 <= cfg.distill_weight <= 1.0:
-        raise ConfigError(f"train.distill_weight={cfg.distill_weight} must be in [0, 1] (0: no distillation)")
-    if cfg.distill_temperature <= 0:
-        raise ConfigError(f"train.distill_temperature={cfg.distill_temperature} must be positive (Hinton et al.: 2-8)")
-    if not 0 <= cfg.warmup_epochs < cfg.num_epochs:
-        raise ConfigError(f"train.warmup_epochs={cfg.warmup_epochs} must be >= 0 and below train.num_epochs="
-                          f"{cfg.num_epochs}; lower --config.train.warmup_epochs")
+
+
+def pick_classes(ds: Dataset, classes, field: str):
+    """`((x_train, y_train), (x_test, y_test), num_classes)` of `ds`, restricted to the
+    class ids `classes` (the config's `field`; empty: every class) and relabelled
+    0..len(classes)-1; a class the dataset lacks is a one-line ConfigError."""
+    if not classes:
+        return (ds.x_train, ds.y_train), (ds.x_test, ds.y_test), ds.num_classes
+    try:
+        outside = [c for c in classes if not 0 <= c < ds.num_classes]
+        if outside:
+            raise ValueError(f"{ds.name} has classes 0..{ds.num_classes - 1}")
+        train, test = select_classes(ds.x_train, ds.y_train, classes), select_classes(ds.x_test, ds.y_test, classes)
+    except ValueError as e:
+        raise ConfigError(f"{field}={tuple(classes)}: must be class ids present in the dataset ({e}); "
+                          f"set --config.{field}") from None
+    return train, test, len(classes)
 
 
 def setup_experiment(config) -> Experiment:
     """Loads and splits the data and builds the model named by `config`."""
-    if config.get("multihost", False):
-        jax.distributed.initialize()
     get_spec(config.model.name)  # unknown model: fail before loading data
     mesh = make_mesh()
     check_train_config(config.train, mesh.size)
     d = config.data
     ds = load_dataset(d.name, data_dir=d.data_dir or None, image_size=d.image_size or None,
                       channels=d.channels or None)
-    (x_train, y_train), (x_test, y_test), num_classes = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test), ds.num_classes
-    if d.classes:
-        x_train, y_train = select_classes(x_train, y_train, d.classes)
-        x_test, y_test = select_classes(x_test, y_test, d.classes)
-        num_classes = len(d.classes)
+    (x_train, y_train), (x_test, y_test), num_classes = pick_classes(ds, tuple(d.classes), "data.classes")
     try:
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, d.val_size, seed=config.seed)
-    except ValueError as e:
-        raise ConfigError(f"data.val_size={d.val_size}: {e}; set --config.data.val_size to a count below "
-                          f"{len(x_train)} or a fraction in (0, 1)") from None
-    for field in ("train_size", "test_size"):
-        if d.get(field, 0) < 0:
-            raise ConfigError(f"data.{field}={d[field]} must be >= 0 (0: every example)")
+    except ValueError:
+        raise ConfigError(f"data.val_size={d.val_size}: must be below the {len(x_train)} training examples of "
+                          f"{d.name}{list(d.classes) if d.classes else ''}, leaving some to train on; set "
+                          f"--config.data.val_size") from None
     x_train, y_train = stratified_subset(x_train, y_train, d.get("train_size", 0), config.seed)
     x_test, y_test = stratified_subset(x_test, y_test, d.get("test_size", 0), config.seed)
     if len(x_train) < config.train.batch_size:

@@ -3,6 +3,10 @@
 `train_and_evaluate` resumes from the latest checkpoint in `<workdir>/checkpoints`
 (parameters, masks, quant, optimizer, step, RNG and the data iterator's position),
 so a killed run restarted with the same workdir ends with the same final metrics.
+
+On many processes (`jaxcompress.distributed`) each reads only its rows of every global
+batch, checkpoints restore straight into the mesh's replicated shardings, and only
+process 0 writes metrics.jsonl and the summaries (`write_json`, `MetricWriter`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tqdm.auto import tqdm
 from jaxcompress import cost
 from jaxcompress.timing import forward_latencies
 from jaxcompress.data import BatchIterator, iterate_eval, shard_batch
+from jaxcompress.distributed import process_slice
 from jaxcompress.errors import NonFiniteError
 from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
@@ -29,9 +34,10 @@ from jaxcompress.train.state import TrainState, create_train_state
 
 
 def evaluate_split(eval_step, state: TrainState, x, y, batch_size: int, mesh) -> dict[str, float]:
-    """Accuracy and mean loss over every example of (x, y)."""
+    """Accuracy and mean loss over every example of (x, y) (each process reading its rows
+    of every global batch of `batch_size`)."""
     totals = None
-    for batch in iterate_eval(x, y, batch_size):
+    for batch in iterate_eval(x, y, batch_size, *process_slice()):
         sums = eval_step(state, shard_batch(batch, S.batch_sharded(mesh)))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -76,31 +82,24 @@ def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, tea
     `teacher` and `recipe.distill_weight` > 0 the loss distils from it. `state`'s
     `apply_fn` is kept (QAT trains a quantized apply); the caller's `state` stays valid
     (the jitted step donates a copy). Returns the final state and
-    `{"best_val_accuracy", "train_time_s"}`.
+    `{"best_val_accuracy", "train_time_s", "examples_read_per_process"}`, the last being the
+    training examples each process read in this call (from the resumed step on): with N
+    processes, each 1/N of the steps' global batches.
 
     A NaN or inf loss (or parameter) stops training with a `NonFiniteError` naming the
     epoch and step where it first appeared. The check runs on device; its flag is read
     where the host waits anyway (epoch ends, mid-epoch checkpoints), and every checkpoint
     is saved only after it passed, so the last one on disk is good.
     """
-    it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed)
+    process_index, process_count = process_slice()
+    it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed, process_index=process_index,
+                       process_count=process_count)  # this process's rows of each global batch
     spe = it.steps_per_epoch
     tx = make_optimizer(recipe, spe)
     state = state.replace(step=jnp.zeros((), jnp.int32), tx=tx, opt_state=tx.init(state.params))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), recipe.max_to_keep)
-    best_ckpt = Checkpointer(os.path.join(workdir, "best"), 1)
-    try:
-        state, info = _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt)
-    except BaseException:  # NaN, Ctrl-C, ...: the checkpoints on disk stand; finish Orbax's work first
-        for c in (ckpt, best_ckpt):
-            try:
-                c.close()
-            except Exception as e:  # already failing: that error is the one to report
-                logging.debug("closing %s: %s", c.directory, e)
-        raise
-    ckpt.close()
-    best_ckpt.close()
-    return state, info
+    with Checkpointer(os.path.join(workdir, "checkpoints"), recipe.max_to_keep) as ckpt, \
+            Checkpointer(os.path.join(workdir, "best"), 1) as best_ckpt:
+        return _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt)
 
 
 def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tuple[TrainState, dict]:
@@ -108,6 +107,11 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
     spe = it.steps_per_epoch
     meta = {"iterator": it.get_state(), "best_val_accuracy": -1.0}
     epoch_sums, epoch_steps = None, 0  # running metric sums of a resumed mid-epoch checkpoint
+    # The jitted step donates the state: a copy in fresh buffers, so that arrays the caller
+    # still holds (or that alias other states' leaves, e.g. after surgery) stay valid. It is
+    # also the restore's template: Orbax reads straight into its replicated mesh shardings
+    # (on many hosts, no single-device round trip).
+    state = S.replicated_copy(state, exp.mesh)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         it.set_state(meta["iterator"])
@@ -115,9 +119,6 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
         if saved is not None and int(jax.device_get(state.step)) % spe:
             epoch_sums, epoch_steps = saved["sums"], int(saved["steps"])
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    # The jitted step donates the state: a copy in fresh buffers, so that arrays the caller
-    # still holds (or that alias other states' leaves, e.g. after surgery) stay valid.
-    state = S.replicated_copy(state, exp.mesh)
     train_step, teacher_args = _train_step(exp, recipe, teacher)
     evaluate = make_eval_fn(exp, recipe.eval_batch_size)
     writer = MetricWriter(workdir)
@@ -164,7 +165,16 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
         logging.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)", epoch + 1,
                      recipe.num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
                      val["accuracy"], time.time() - epoch_start)
-    return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time}
+    return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time,
+                   "examples_read_per_process": _per_process(it.examples_read)}
+
+
+def _per_process(count: int) -> list[int]:
+    """`count` of every process, in process order (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [int(count)]
+    from jax.experimental import multihost_utils
+    return [int(c) for c in np.asarray(multihost_utils.process_allgather(np.int32(count))).reshape(-1)]
 
 
 EPOCH_SUMS = "epoch_metric_sums"  # the meta key of a mid-epoch checkpoint's running sums
@@ -236,12 +246,9 @@ def load_trained(exp: Experiment, directory: str, recipe: Recipe, variables=None
                               f"that --workdir) or point the config at an existing checkpoint directory")
     template = create_train_state(exp.model, make_optimizer(recipe, 1), exp.input_shape, recipe.seed,
                                   variables=variables)
-    ckpt = Checkpointer(directory)
-    try:
-        state, _ = ckpt.restore(template)
-    finally:
-        ckpt.close()
-    return state
+    template = jax.device_put(template, S.replicated(exp.mesh))  # restored straight into these shardings
+    with Checkpointer(directory) as ckpt:
+        return ckpt.restore(template)[0]
 
 
 def restore_for_eval(config, exp: Experiment, workdir: str) -> TrainState:

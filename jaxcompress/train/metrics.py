@@ -1,4 +1,7 @@
-"""Run outputs in the workdir: metrics.jsonl, config.json, summary.json."""
+"""Run outputs in the workdir: metrics.jsonl, config.json, summary.json.
+
+Written by process 0 only (`jaxcompress.distributed.is_primary`): on many hosts the
+other processes compute the same values and write nothing."""
 from __future__ import annotations
 
 import json
@@ -7,6 +10,8 @@ import time
 
 import jax
 import numpy as np
+
+from jaxcompress.distributed import is_primary
 
 
 def _plain(x):
@@ -21,7 +26,10 @@ def _plain(x):
 
 
 def write_json(path: str, obj) -> None:
-    """Writes atomically (tmp + rename) so an interrupted run never leaves half a file."""
+    """Writes atomically (tmp + rename) so an interrupted run never leaves half a file.
+    Process 0 only (module docstring); the others do nothing."""
+    if not is_primary():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -30,13 +38,15 @@ def write_json(path: str, obj) -> None:
 
 
 class MetricWriter:
-    """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl` (process 0 only)."""
 
     def __init__(self, workdir: str):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
 
     def write(self, step: int, **metrics) -> None:
+        if not is_primary():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "time": time.time(), **_plain(metrics)}) + "\n")
 
