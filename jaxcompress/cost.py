@@ -5,10 +5,13 @@ width vector: the RL environment and the budget solvers call it inside jit/vmap.
 `summarize(table, masks, quant)` adds element sparsity and storage bytes, per
 layer and in total, for reports.
 
-Conventions: a MAC is one multiply-accumulate of a conv or dense layer; FLOPs =
-2 * MACs (biases, BatchNorm and activations are not counted, as in the papers'
-tables). Parameters count weights, biases and BatchNorm scale and shift (not the
-running statistics). Bytes are exact: what `jaxcompress.quant.export` writes
+Conventions: a MAC is one multiply-accumulate of a conv or dense layer, of an
+attention layer's score (q.k) and value products (2 x heads x head_dim x query
+positions x keys per example) or of `Embed.attend`; FLOPs = 2 * MACs (biases,
+norms, softmax and activations are not counted, as in the papers' tables).
+Parameters count weights, biases, norm scales and shifts (not BatchNorm's running
+statistics), embeddings and any other parameter of the model (`ModelTable.
+extra_params`; InformationDropout's training-only noise heads excepted). Bytes are exact: what `jaxcompress.quant.export` writes
 (bit-packed weights at their bit width, scales or codebooks, Deep-Compression CSR
 relative indices for element-pruned layers, float32 biases, folded BatchNorm and
 activation ranges; see `jaxcompress.storage`).
@@ -29,8 +32,19 @@ def _io(table: ModelTable, widths):
     a = table.arrays()
     w = jnp.asarray(widths, jnp.float32)
     cin = jnp.where(a["in_group"] >= 0, w[np.maximum(a["in_group"], 0)] * a["in_repeat"], a["in_fixed"])
-    cout = jnp.where(a["out_group"] >= 0, w[np.maximum(a["out_group"], 0)], a["out_fixed"])
+    cout = jnp.where(a["out_group"] >= 0, w[np.maximum(a["out_group"], 0)] * a["out_repeat"], a["out_fixed"])
     return a, w, cin, cout
+
+
+def _terms(terms, w):
+    """Sum of `CostTerm`s (fixed x product of group widths) at widths `w`."""
+    total = 0.0
+    for t in terms:
+        value = jnp.float32(t.fixed)
+        for g in t.groups:
+            value = value * w[g]
+        total = total + value
+    return total
 
 
 def layer_counts(table: ModelTable, widths=None) -> dict[str, jnp.ndarray]:
@@ -45,10 +59,9 @@ def count(table: ModelTable, widths=None) -> dict[str, jnp.ndarray]:
     widths = table.widths if widths is None else widths
     per_layer = layer_counts(table, widths)
     w = jnp.asarray(widths, jnp.float32)
-    norm = 2.0 * w[table.arrays()["norm_group"]].sum() if table.norm_groups else 0.0
-    macs = per_layer["macs"].sum()
-    return dict(params=per_layer["weights"].sum() + per_layer["biases"].sum() + norm, macs=macs,
-                flops=2.0 * macs)
+    macs = per_layer["macs"].sum() + _terms(table.extra_macs, w)
+    return dict(params=per_layer["weights"].sum() + per_layer["biases"].sum() + _terms(table.extra_params, w),
+                macs=macs, flops=2.0 * macs)
 
 
 def effective_widths(table: ModelTable, masks: Mapping | None) -> np.ndarray:
@@ -100,13 +113,16 @@ def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | 
         totals["macs"] += weights * positions
         totals["sparse_macs"] += nonzero * positions
         totals["bytes"] += n_bytes
-    norm = sum(2.0 * float(widths[g]) for _, g in table.norm_groups)
+    extra = float(_terms(table.extra_params, np.asarray(widths, np.float32)))  # norms, embeddings: float32
     for k in ("params", "nonzero_params"):
-        totals[k] += norm
-    totals["bytes"] += 4 * norm
+        totals[k] += extra
+    totals["bytes"] += 4 * extra
+    extra_macs = float(_terms(table.extra_macs, np.asarray(widths, np.float32)))
+    totals["macs"] += extra_macs
+    totals["sparse_macs"] += extra_macs
     totals["flops"] = 2 * totals["macs"]
     return dict(totals=totals, layers=rows, widths=[int(w) for w in widths])
 
 
 def _cout(layer, widths) -> float:
-    return float(widths[layer.out_group]) if layer.out_group >= 0 else float(layer.out_fixed)
+    return float(widths[layer.out_group]) * layer.out_repeat if layer.out_group >= 0 else float(layer.out_fixed)

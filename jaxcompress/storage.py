@@ -172,11 +172,10 @@ def kept_element_mask(table, layer, kernel_mask, group_masks) -> np.ndarray:
     if group_masks is None:
         return keep
     keep = keep & table.kernel_keep(layer, group_masks)
-    if layer.in_group >= 0 and not layer.depthwise:
-        in_sel = np.tile(np.asarray(group_masks[layer.in_group]) > 0, layer.in_repeat)
-        keep = np.compress(in_sel, keep, axis=-2)
-    if layer.out_group >= 0:
-        keep = np.compress(np.asarray(group_masks[layer.out_group]) > 0, keep, axis=-1)
+    for axis, ag in enumerate(table.kernel_axes(layer)):  # every grouped axis (attention: heads and features)
+        if ag is None:
+            continue
+        keep = np.compress(np.tile(np.asarray(group_masks[ag.group]) > 0, ag.repeat), keep, axis=axis)
     return keep
 
 

@@ -20,8 +20,8 @@ def _num_params(tree):
 
 def test_zoo_sizes_are_what_we_think():
     assert set(SMALL_MODELS) == {"lenet300_100", "lenet5", "cnn4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet56",
-                                 "resnet110", "mobilenet_v1_cifar", "mobilenet_v2_cifar"}
-    assert len(MODELS) == 18
+                                 "resnet110", "mobilenet_v1_cifar", "mobilenet_v2_cifar", "vit"}
+    assert len(MODELS) == 19
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -34,9 +34,9 @@ def test_every_model_builds_with_its_default_widths(name, zoo):
     assert table.model.widths == spec.default_widths
     variables = zoo.abstract_variables(name)  # jax.eval_shape of model.init
     assert set(variables) <= {"params", "masks", "batch_stats"} and "params" in variables
-    # one all-ones channel mask per Conv/Dense/BatchNorm output
+    # one all-ones channel mask per Conv/Dense output, norm and embedding
     n_norm = len(table.norm_groups)
-    assert len(jax.tree.leaves(variables["masks"])) == len(table.layers) + n_norm
+    assert len(jax.tree.leaves(variables["masks"])) == len(table.layers) + len(table.norms) + len(table.embeddings)
     assert len(jax.tree.leaves(variables.get("batch_stats", {}))) == 2 * n_norm
     n_params, counted = _num_params(variables["params"]), float(cost.count(table)["params"])
     if n_params < 2 ** 24:  # exactly representable in float32, which `count` computes in

@@ -6,7 +6,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from jaxcompress.models import mobilenet, resnet, vgg
+from jaxcompress.models import mobilenet, resnet, vgg, vit
 from jaxcompress.models.cnn import CNN4
 from jaxcompress.models.lenet import LeNet5, LeNet300100
 
@@ -56,6 +56,7 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenet_v2": _mobilenet(mobilenet.MobileNetV2, mobilenet.v2_default_widths(), False),
     "mobilenet_v1_cifar": _mobilenet(mobilenet.MobileNetV1, mobilenet.v1_default_widths(), True),
     "mobilenet_v2_cifar": _mobilenet(mobilenet.MobileNetV2, mobilenet.v2_default_widths(), True),
+    "vit": ModelSpec(lambda w, k: vit.ViT(widths=w, num_classes=k), vit.default_widths(), CIFAR_SHAPE),
 }
 
 

@@ -3,6 +3,9 @@
 Every criterion scores whole *channel groups* (see `jaxcompress.models.table`):
 the score of a channel sums over every layer that produces it, so residual
 streams, depthwise convs and BatchNorms are pruned consistently by construction.
+An attention head is one channel of its layer's heads group, produced by the
+query, key and value projections: its score sums their kernels' slices
+(d, head_dim) of that head; a transformer MLP neuron is a Dense output channel.
 
 * `l1` / `l2`: norm of each output channel's kernel slice (Li et al. 2017; the
   two-stage paper's "weight magnitude" baseline).
@@ -35,18 +38,22 @@ def _kernel(params_flat, path: str):
     return params_flat[tuple(path.split("/")) + ("kernel",)]
 
 
-def _per_channel(x, order: int):
-    axes = tuple(range(x.ndim - 1))
+def _per_channel(x, order: int, channel_axis: int = -1):
+    """l1 or l2 norm of every slice of `x` along `channel_axis` (all other axes reduced)."""
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
     return jnp.sum(jnp.abs(x), axes) if order == 1 else jnp.sqrt(jnp.sum(x * x, axes))
 
 
 def snip_saliency(apply_fn, variables: Mapping, images, labels):
     """|dL/dw * w| for every parameter on one batch (Lee et al. 2019, Eq. 6)."""
-    def loss(params):
-        logits = apply_fn({**variables, "params": params}, images, train=False)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
-    grads = jax.grad(loss)(variables["params"])
-    return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, variables["params"])
+    @jax.jit  # one compile instead of op-by-op dispatch
+    def saliency(variables, images, labels):
+        def loss(params):
+            logits = apply_fn({**variables, "params": params}, images, train=False)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+        grads = jax.grad(loss)(variables["params"])
+        return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, variables["params"])
+    return saliency(dict(variables), images, labels)
 
 
 def channel_scores(table: ModelTable, variables: Mapping, criterion: str, *, batch=None,
@@ -76,20 +83,24 @@ def channel_scores(table: ModelTable, variables: Mapping, criterion: str, *, bat
         g = layer.out_group
         if g < 0 or (criterion == "bn" and np.any(scores[g])):
             continue
-        scores[g] += np.asarray(_per_channel(_kernel(flat, layer.path), order))
+        scores[g] += np.asarray(_per_channel(_kernel(flat, layer.path), order, table.out_axis(layer)))
     return scores
 
 
 def prunable_groups(table: ModelTable, scope: str = "all") -> list[int]:
     """`all` groups, or `inner` ones: produced by a single layer (residual streams,
-    which several layers add into, are left whole)."""
+    which several layers add into, are left whole). An attention layer's query, key
+    and value projections produce its heads together: one producer."""
     if scope not in SCOPES:
         raise ConfigError(f"unknown prune scope '{scope}'; choose one of {', '.join(SCOPES)}")
-    producers = [0] * table.num_groups
+    heads = {a.path: a.heads_group for a in table.attention}
+    producers = [set() for _ in range(table.num_groups)]
     for layer in table.layers:
         if layer.out_group >= 0 and not layer.depthwise:
-            producers[layer.out_group] += 1
-    return [g for g in range(table.num_groups) if scope == "all" or producers[g] == 1]
+            parent = layer.path.rpartition("/")[0]
+            unit = parent if heads.get(parent, -1) == layer.out_group else layer.path
+            producers[layer.out_group].add(unit)
+    return [g for g in range(table.num_groups) if scope == "all" or len(producers[g]) == 1]
 
 
 def keep_counts(table: ModelTable, keep_ratio: float | Mapping[str, float], groups: Sequence[int] | None = None,

@@ -3,7 +3,9 @@
 Hand-written (no JAX library removes channels). The pruned network is the same
 model class built with the kept widths; every variable leaf is gathered along the
 axes the layer table assigns to a channel group, so BatchNorm statistics, residual
-streams, depthwise convs and flattened conv->dense rows all follow. The result has
+streams, depthwise convs, flattened conv->dense rows, norms, embeddings and whole
+attention heads (query / key / value kernels (d, heads, head_dim), out kernel
+(heads, head_dim, d)) all follow. The result has
 all-ones channel masks; element masks survive as gathered masks (and the weights
 they zero stay zero), counted as sparse by `jaxcompress.cost`.
 """
@@ -118,8 +120,8 @@ def _freeze_weight_scales(table: ModelTable, variables: Mapping, kept) -> dict:
         kernel = np.asarray(flat_p[key + ("kernel",)])
         if key + ("kernel",) in flat_m:
             kernel = kernel * np.asarray(flat_m[key + ("kernel",)])
-        w_max = np.abs(kernel).max(axis=tuple(range(kernel.ndim - 1)))
-        if layer.out_group >= 0:
-            w_max = w_max[kept[layer.out_group]]
+        n_in = kernel.ndim - layer.out_ndim  # one scale per output (every output axis), as the layer computes
+        w_max = np.abs(kernel).max(axis=tuple(range(n_in)))
+        w_max = _gather_leaf(w_max, table.kernel_axes(layer)[n_in:], kept, table.widths)
         flat_q[key + ("range_w",)] = jnp.asarray(w_max, jnp.float32)
     return traverse_util.unflatten_dict(flat_q)
