@@ -72,7 +72,10 @@ def parse_flags(argv):
         config = loaded()
         if config is not None and not isinstance(config, ConfigDict):
             cannot_load(f"get_config() must return an ml_collections.ConfigDict, not {type(config).__name__}")
-        fail(f"unknown config field {e}; check the override's spelling against the fields in the config file "
+        key = str(e.args[0] if e.args else e).strip("'\"")
+        paths = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+        path = next((p for p in paths if key in p.split(".")), key)
+        fail(f"unknown config field {path}; check the override's spelling against the fields in the config file "
              f"(python -c 'from jaxcompress.config import get_config; print(get_config())')")
     except OSError as e:
         fail(f"cannot load the config file given to --config ({str(e).strip().splitlines()[-1].strip()}); "

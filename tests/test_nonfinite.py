@@ -100,9 +100,11 @@ class _Killed(Exception):
     pass
 
 
-def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch):
-    """Stopped after 17 steps (the last checkpoint at step 15, mid-epoch) and resumed: the
-    epoch's metrics line equals an uninterrupted run's."""
+@pytest.mark.parametrize("stop,resumed_at", [(_Killed, 15), (KeyboardInterrupt, 17)])
+def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch, stop, resumed_at):
+    """Stopped after 17 steps and resumed: killed, from the last checkpoint (step 15,
+    mid-epoch); interrupted (Ctrl-C), from the checkpoint the interrupt saves at step 17.
+    Either way the epoch's metrics line equals an uninterrupted run's."""
     c = _config(1, 5)
     reference = str(tmp_path / "reference")
     jobs.run(c, reference)
@@ -115,15 +117,15 @@ def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch)
         def wrapped(*a):
             calls.append(1)
             if len(calls) > 17:
-                raise _Killed
+                raise stop
             return step(*a)
         return wrapped, extra
 
     workdir = str(tmp_path / "run")
     monkeypatch.setattr(loop, "_train_step", killed_after_17)
-    with pytest.raises(_Killed):
+    with pytest.raises(stop):
         jobs.run(c, workdir)
-    assert max(_steps(os.path.join(workdir, "checkpoints"))) == 15
+    assert max(_steps(os.path.join(workdir, "checkpoints"))) == resumed_at
     monkeypatch.setattr(loop, "_train_step", original)
     jobs.run(c, workdir)
     got, ref = read_metrics(workdir), read_metrics(reference)

@@ -141,16 +141,20 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
             epoch_sums = None
         with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{recipe.num_epochs}",
                   disable=None, leave=False) as bar:
-            while step < (epoch + 1) * spe:
-                state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)), *teacher_args)
-                sums = S.accumulate_metrics(S.zero_sums(m) if sums is None else sums, m, state.step)
-                step, n = step + 1, n + 1
-                bar.update()
-                if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step % spe:
-                    host = checked(sums)  # the save waits for the step anyway
-                    ckpt.save(state, {**meta, "iterator": it.get_state(),
-                                      EPOCH_SUMS: {"sums": _plain_sums(host), "steps": n}})
-                    last_saved = step
+            try:
+                while step < (epoch + 1) * spe:
+                    state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)), *teacher_args)
+                    sums = S.accumulate_metrics(S.zero_sums(m) if sums is None else sums, m, state.step)
+                    step, n = step + 1, n + 1
+                    bar.update()
+                    if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step % spe:
+                        host = checked(sums)  # the save waits for the step anyway
+                        ckpt.save(state, {**meta, "iterator": it.get_state(),
+                                          EPOCH_SUMS: {"sums": _plain_sums(host), "steps": n}})
+                        last_saved = step
+            except KeyboardInterrupt:
+                _save_at_interrupt(ckpt, state, meta, sums, n, spe, last_saved)
+                raise
         sums = checked(sums)
         train_metrics = {k: float(v) / n for k, v in sums.items() if k != "first_nonfinite"}
         train_time += time.time() - epoch_start
@@ -167,6 +171,31 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
                      val["accuracy"], time.time() - epoch_start)
     return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time,
                    "examples_read_per_process": _per_process(it.examples_read)}
+
+
+def _save_at_interrupt(ckpt: Checkpointer, state, meta: dict, sums, n: int, spe: int, last_saved) -> None:
+    """Ctrl-C mid-epoch: saves the steps run since the last checkpoint, so a rerun resumes
+    where the run stopped. The interrupt may land anywhere in the loop, so the position
+    is derived from the state's own step (one batch drawn but not trained on is drawn
+    again), and the epoch's running sums are kept only when they match that step. A
+    state whose buffers the interrupted step had already donated is not saved: the
+    last checkpoint stands."""
+    try:
+        step = int(jax.device_get(state.step))
+        if (last_saved is not None and step <= last_saved) or step % spe == 0:
+            return  # nothing new, or an epoch not yet evaluated: resume redoes it from the last checkpoint
+        extra = {}
+        if sums is not None and n == step % spe:
+            host = jax.device_get(sums)
+            if not int(host["first_nonfinite"]):
+                extra = {EPOCH_SUMS: {"sums": _plain_sums(host), "steps": n}}
+            else:
+                return  # a non-finite step since the last checkpoint: keep that one
+        ckpt.save(state, {**meta, "iterator": {"epoch": step // spe, "index": step % spe}, **extra})
+        logging.info("interrupted: saved step %d in %s", step, ckpt.directory)
+    except Exception as e:  # noqa: BLE001 - a donated or half-written state: the last checkpoint stands
+        logging.info("interrupted: no checkpoint at the interrupt (%s: %s); the last one stands",
+                      type(e).__name__, e)
 
 
 def _per_process(count: int) -> list[int]:
