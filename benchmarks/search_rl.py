@@ -7,10 +7,10 @@ candidate network evaluated at a time with `model.apply`), in the same process. 
 draw the same random numbers, so they make the same decisions: the benchmark checks
 that their rewards agree.
 
-`agents`: PPO against DDPG on the same environment and episode budget, several
-seeds (reward curves, final best reward: the paper's Figure 2), then the best
-policy of every run and uniform pruning at the same budget fine-tuned alike
-(quality at a budget).
+`agents`: PPO against DDPG and random search (`bench.agents`) on the same environment
+and episode budget, several seeds (reward curves, final best reward: the paper's
+Figure 2), then the best policy of every run and uniform pruning at the same budget
+fine-tuned alike (quality at a budget).
 """
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ def speed(config, workdir: str) -> dict:
 
 
 def agents(config, workdir: str) -> dict:
-    """PPO vs DDPG over seeds (stability) and fine-tuned quality vs uniform (module doc)."""
+    """The agents (PPO, DDPG, random search) over seeds (stability) and fine-tuned quality
+    vs uniform (module doc)."""
     s, b = config.search, config.bench
     exp, env, state, variables, ranks = _setup(config)
     data = eval_data(exp, variables, s.eval_size, config.seed, s.candidate_finetune_steps, s.candidate_finetune_batch)

@@ -165,7 +165,8 @@ SCHEMA = Section(
     # job "search" (jaxcompress.rl.job): two-stage RL search (pruning rates, then bits), Zhan et al. 2021
     search=Section(
         checkpoint=Str(""),  # a trained run's workdir (its best/); "" trains one into <workdir>/pretrain
-        agent=Choice("ppo", ("ppo", "ddpg")),  # ppo (the paper's) | ddpg (AMC / HAQ baseline)
+        agent=Choice("ppo", ("ppo", "ddpg", "random")),  # ppo (the paper's) | ddpg (AMC / HAQ baseline) |
+        # random (random search: uniform actions, walled alike; jaxcompress.rl.random_search)
         num_actors=Int(16, lo=1, hi=65536),  # parallel actors: one jitted iteration = num_actors episodes +
         # evaluations + update
         episodes=steps(400),  # stage-1 episodes (rounded up to a multiple of num_actors)
@@ -183,6 +184,9 @@ SCHEMA = Section(
         rank_criterion=Choice("l1", ("l1", "l2", "bn")),  # channel ranking used inside the search (magnitude:
         # fast, in-graph)
         eval_size=Int(1000, lo=1),  # validation images each candidate is evaluated on (fixed sample; never test)
+        rerank_top_k=Int(8, lo=0, note="0: off"),  # the top-k distinct stage-1 candidates re-scored on split B,
+        # the best there applied (EagleEye; jaxcompress.rl.rerank; 0: off, the best on the eval_size sample)
+        rerank_size=Int(2000, lo=1),  # split B: validation images disjoint from the eval_size sample
         eval_mode=Choice("stacked", ("stacked", "vmap")),  # stacked (shared weights, actors stacked on the
         # batch) | vmap
         eval_chunk=Int(0, lo=0, note="0: all"),  # actors evaluated at once (0: all)
@@ -204,7 +208,7 @@ SCHEMA = Section(
         checkpoint_every=steps(10), log_every=steps(10),  # iterations
         quant=Section(
             episodes=steps(0, lo=0, note="0 skips stage 2"),  # stage-2 episodes; 0 skips stage 2
-            agent=Choice("", ("", "ppo", "ddpg"), note='"": search.agent'),  # "" = search.agent
+            agent=Choice("", ("", "ppo", "ddpg", "random"), note='"": search.agent'),  # "" = search.agent
             b_min=Int(2, lo=1, hi=8), b_max=Int(8, lo=1, hi=8),  # weight bits per layer
             bits_budget=Float(5.0, lo=1.0, hi=32.0),  # average weight bits (HAQ back-off)
             bits_a=Int(8, lo=2, hi=8, zero="float"),  # activation bits during the search and QAT (0 = float)

@@ -395,10 +395,14 @@ def test_latency_cache_from_before_checksums_still_loads(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
+# the quickstart's digits at 8x8 through LeNet-300-100 (the fastest to compile), no latency measurement
+SMALL = ("--config.model.name=lenet300_100", "--config.data.image_size=8", "--config.hardware.latency_batch=0")
+
+
 def _launch(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run([sys.executable, "-m", "launch.main", "--config=configs/quickstart.py", *args],
+    return subprocess.run([sys.executable, "-m", "launch.main", "--config=configs/quickstart.py", *SMALL, *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -414,9 +418,9 @@ def _assert_one_line_exit(proc, *fragments):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """quickstart's LeNet-5, trained 1 epoch (19 steps, checkpoints every 5)."""
+    """LeNet-300-100 on the quickstart's digits, trained 1 epoch (19 steps, checkpoints every 5)."""
     workdir = str(tmp_path_factory.mktemp("e2e") / "run")
-    proc = _launch("--config.job=train", "--config.model.name=lenet5", "--config.train.num_epochs=1",
+    proc = _launch("--config.job=train", "--config.train.num_epochs=1",
                    "--config.checkpoint.every_steps=5", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
@@ -435,7 +439,7 @@ def test_evaluate_of_a_corrupt_best_step_is_one_line_without_teardown_noise(trai
     victim = _largest_data_file(os.path.join(best, step))
     for offset in (64, 1000, os.path.getsize(victim) - 1):
         _flip(victim, offset)
-    proc = _launch("--config.job=evaluate", "--config.model.name=lenet5", f"--workdir={workdir}")
+    proc = _launch("--config.job=evaluate", f"--workdir={workdir}")
     rel = os.path.relpath(victim, os.path.join(best, step))
     _assert_one_line_exit(proc, f"checkpoint step {step} in {best} is corrupt", rel, "delete")
     # A legacy step (no manifest) that Orbax fails to read: one line, no "Event loop is closed".
@@ -443,7 +447,7 @@ def test_evaluate_of_a_corrupt_best_step_is_one_line_without_teardown_noise(trai
     os.remove(os.path.join(best, CHECKSUMS))
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
-    proc = _launch("--config.job=evaluate", "--config.model.name=lenet5", f"--workdir={workdir}")
+    proc = _launch("--config.job=evaluate", f"--workdir={workdir}")
     _assert_one_line_exit(proc, f"cannot restore checkpoint step {step}")
 
 
@@ -454,7 +458,7 @@ def test_resume_falls_back_past_a_corrupt_latest_step(trained, tmp_path):
     steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
     assert steps == [15, 19]
     _flip(_largest_data_file(os.path.join(ckpts, "19")), 200)
-    proc = _launch("--config.job=train", "--config.model.name=lenet5", "--config.train.num_epochs=2",
+    proc = _launch("--config.job=train", "--config.train.num_epochs=2",
                    "--config.checkpoint.every_steps=5", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr

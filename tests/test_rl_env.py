@@ -131,11 +131,12 @@ def test_stacked_evaluation_equals_masked_networks(zoo, name, N):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(5,) + table.input_shape).astype(np.float32))
     gm = [jnp.asarray((rng.random((N, w)) < 0.6).astype(np.float32)) for w in table.widths]
-    ref = np.stack([np.asarray(table.model.apply({**variables, "masks": table.layer_masks([m[n] for m in gm],
-                                                                                           variables["masks"])}, x))
+    forward = zoo.forward(name)  # jitted once per model: the masks are data
+    ref = np.stack([np.asarray(forward({**variables, "masks": table.layer_masks([m[n] for m in gm],
+                                                                               variables["masks"])}, x))
                     for n in range(N)])
     defer = name == "lenet5"
-    out = jax.jit(lambda gm, x: stacked_logits(table.model, table, variables, x, gm, defer))(gm, x)
+    out = zoo.jit(lambda gm, x: stacked_logits(table.model, table, variables, x, gm, defer))(gm, x)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
 
 
@@ -149,15 +150,17 @@ def test_adaptive_bn_evaluation_equals_flax_batch_statistics(zoo, name, N, defer
     x = jnp.asarray(rng.normal(size=(6,) + table.input_shape).astype(np.float32))
     gm = [jnp.asarray((rng.random((N, w)) < 0.6).astype(np.float32)) for w in table.widths]
 
-    def flax_train_mode(n):
-        v = {**variables, "masks": table.layer_masks([m[n] for m in gm], variables["masks"])}
-        return np.asarray(table.model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    train_mode = zoo.jit(lambda v, x: table.model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+
+    def flax_train_mode(n):  # one compile: the masks are data
+        return np.asarray(train_mode({**variables, "masks": table.layer_masks([m[n] for m in gm],
+                                                                            variables["masks"])}, x))
 
     ref = np.stack([flax_train_mode(n) for n in range(N)])
     tol = 5e-5 * max(1.0, np.abs(ref).max())
-    stacked = jax.jit(lambda gm, x: stacked_logits(table.model, table, variables, x, gm, defer, bn_adapt=True))(gm, x)
+    stacked = zoo.jit(lambda gm, x: stacked_logits(table.model, table, variables, x, gm, defer, bn_adapt=True))(gm, x)
     np.testing.assert_allclose(np.asarray(stacked), ref, atol=tol)
-    running = jax.jit(lambda gm, x: stacked_logits(table.model, table, variables, x, gm, defer))(gm, x)
+    running = zoo.jit(lambda gm, x: stacked_logits(table.model, table, variables, x, gm, defer))(gm, x)
     assert np.abs(np.asarray(running) - ref).max() > 100 * tol
     widths = jnp.asarray(rng.integers(1, np.asarray(table.widths) + 1, (N, table.num_groups)), jnp.float32)
     env = PruneEnv(table, 1.0, 0.0, 0.9, None, 1)
@@ -168,7 +171,7 @@ def test_adaptive_bn_evaluation_equals_flax_batch_statistics(zoo, name, N, defer
             for m in ("stacked", "vmap")]
     np.testing.assert_allclose(np.asarray(accs[0]), np.asarray(accs[1]))
     v0 = {**variables, "masks": table.layer_masks(env.group_masks(ranks, widths[0]), variables["masks"])}
-    logits0 = table.model.apply(v0, x, train=True, mutable=["batch_stats"])[0]
+    logits0 = train_mode(v0, x)
     np.testing.assert_allclose(float(accs[0][0]), float(jnp.mean(jnp.argmax(logits0, -1) == labels)))
 
 

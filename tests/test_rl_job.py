@@ -27,14 +27,20 @@ def _config():
 
 def test_element_search_job_end_to_end(tmp_path):
     """Stage 1 searches element rates within both budgets; the gradually applied masks
-    realise the best candidate's counts exactly (its FLOPs and parameters are the
+    realise the chosen (re-ranked) candidate's counts exactly (its FLOPs and parameters are the
     summary's); stage 2's bits budget averages over the nonzero weights."""
     c = _config()
     out = search(c, str(tmp_path))
     s1 = out["stage1"]
     assert s1["granularity"] == "element" and s1["flops_ratio"] <= 0.2 + 1e-6 and s1["params_ratio"] <= 0.1 + 1e-6
     pareto = json.load(open(tmp_path / "pareto.json"))["stage1"]
-    best = max(pareto["points"], key=lambda p: p["reward"])
+    # held-out re-ranking (default top 8): the split-A best first, the one best on split B applied
+    rr = pareto["rerank"]
+    assert rr["candidates"][0]["reward_a"] == max(p["reward"] for p in pareto["points"])
+    assert rr["size_a"] == 100 and rr["size_b"] == 100 and 1 <= len(rr["candidates"]) <= 8  # 200 val images
+    best = rr["candidates"][rr["chosen"]]
+    assert best["reward_b"] == max(r["reward_b"] for r in rr["candidates"])
+    assert s1["rerank"]["chosen_reward_b"] == best["reward_b"] and s1["best_reward"] == best["reward_a"]
     table = describe(create_model("lenet5", 10), (28, 28, 1))
     env = ElementEnv(table, 0.2, 0.0, 0.95, 0.1)
     assert s1["element_rates"] == pytest.approx(env.rates(best["values"]))

@@ -1,5 +1,5 @@
-"""Benchmark: PPO (the paper's) against DDPG (AMC) on LeNet-5 / MNIST at 50% FLOPs: 3 seeds
-each, the same episode budget (reward curves, final best reward mean and spread), then
+"""Benchmark: PPO (the paper's) against DDPG (AMC) and random search on LeNet-5 / MNIST at
+50% FLOPs: 3 seeds each, the same episode budget (reward curves, final best reward mean and spread), then
 the best policy of each run and uniform pruning fine-tuned alike (quality at a budget).
 The ResNet-20 / CIFAR-10 version is `benchmarks/configs/search_agents_resnet20.py`.
 
@@ -24,8 +24,9 @@ def get_config():
 
 
 def agents_bench(final_window: int) -> ml_collections.ConfigDict:
-    """The comparison every `bench_search_agents` config runs: PPO and DDPG, 3 seeds,
-    16 actors each (the same episodes per update), then the fine-tune of each policy."""
+    """The comparison every `bench_search_agents` config runs: PPO, DDPG and random search
+    (the baseline at equal evaluations), 3 seeds, 16 actors each (the same episodes per
+    update), then the fine-tune of each policy."""
     return ml_collections.ConfigDict(dict(
-        agents=("ppo", "ddpg"), seeds=(0, 1, 2), num_actors={"ppo": 16, "ddpg": 16},
+        agents=("ppo", "ddpg", "random"), seeds=(0, 1, 2), num_actors={"ppo": 16, "ddpg": 16, "random": 16},
         final_window=final_window, finetune=True))

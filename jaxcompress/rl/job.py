@@ -1,10 +1,13 @@
 """The `search` job: the two-stage compression of Zhan, Lin, Cao (2021), end to end.
 
-Stage 1 (pruning): the agent (`search.agent`: ppo | ddpg) searches one pruning rate
-per channel group of the trained network under the FLOPs budget
-(`search.flops_budget`, AMC action wall), every candidate evaluated in-graph on a
-fixed sample of the *validation* split (`search.eval_size` images). The best
-candidate (highest reward) is applied with the channel-selection scheme
+Stage 1 (pruning): the agent (`search.agent`: ppo | ddpg | random, the random-search
+baseline) searches one pruning rate per channel group of the trained network under the
+FLOPs budget (`search.flops_budget`, AMC action wall), every candidate evaluated
+in-graph on a fixed sample of the *validation* split (`search.eval_size` images,
+split A). With `search.rerank_top_k > 0` the top-k distinct candidates by that score
+are scored again on a disjoint, larger validation sample (`search.rerank_size` images,
+split B; `jaxcompress.rl.rerank`) and the best on B is kept; otherwise the best
+candidate (highest reward) is kept. It is applied with the channel-selection scheme
 `search.scheme` (l1 / l2 / bn magnitude, or lasso / variational via
 `jaxcompress.pruning`), the network is shrunk physically and fine-tuned.
 
@@ -49,13 +52,15 @@ from jaxcompress.rl.ddpg import DDPG, DDPGConfig
 from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv
 from jaxcompress.rl.evaluate import make_element_evaluator, make_prune_evaluator, make_quant_evaluator
 from jaxcompress.rl.ppo import PPO, PPOConfig
+from jaxcompress.rl.random_search import RandomSearch
+from jaxcompress.rl.rerank import rerank
 from jaxcompress.rl.search import channel_ranks, make_reward_fn, run_search
 from jaxcompress.timing import forward_latencies
 from jaxcompress.train import Recipe, Teacher, setup_experiment
 from jaxcompress.train.loop import make_eval_fn
 from jaxcompress.train.metrics import write_json
 
-AGENTS = ("ppo", "ddpg")
+AGENTS = ("ppo", "ddpg", "random")
 SCHEMES = ("l1", "l2", "bn", "lasso", "variational")
 GRANULARITIES = ("channel", "element")
 
@@ -63,11 +68,14 @@ GRANULARITIES = ("channel", "element")
 # ------------------------------------------------------------------------------------ config
 
 def make_agent(name: str, search_cfg, num_steps: int):
-    """PPO or DDPG from `search.ppo` / `search.ddpg` (ConfigError on bad values)."""
+    """PPO or DDPG from `search.ppo` / `search.ddpg` (ConfigError on bad values), or
+    random search."""
     if name == "ppo":
         return PPO(PPOConfig(**_fields(PPOConfig, search_cfg.ppo)), OBS_DIM)
     if name == "ddpg":
         return DDPG(DDPGConfig(**_fields(DDPGConfig, search_cfg.ddpg)), OBS_DIM, num_steps)
+    if name == "random":
+        return RandomSearch()
     raise ConfigError(f"unknown search.agent '{name}'; choose one of {', '.join(AGENTS)}")
 
 
@@ -82,11 +90,20 @@ def _fields(cls, cfg) -> dict:
 
 # ------------------------------------------------------------------------------------ pieces
 
-def eval_data(exp, variables, size: int, seed: int, train_steps: int = 0, train_batch: int = 64) -> dict:
-    """A fixed sample of the validation split (never the test split), normalised; with
-    `train_steps`, also that many fixed training batches (per-candidate fine-tune)."""
+def validation_sample(n: int, size: int, seed: int, skip: int = 0) -> np.ndarray:
+    """Indices of a fixed sample of `size` of `n` validation images: positions skip ..
+    skip + size of one permutation drawn from `seed` (fewer at its end). Samples of one
+    seed at non-overlapping positions are disjoint (split A: skip 0, split B: skip |A|)."""
+    return np.random.default_rng(seed).permutation(n)[skip:skip + size]
+
+
+def eval_data(exp, variables, size: int, seed: int, train_steps: int = 0, train_batch: int = 64,
+              skip: int = 0) -> dict:
+    """A fixed sample of the validation split (never the test split), normalised
+    (`validation_sample`); with `train_steps`, also that many fixed training batches
+    (per-candidate fine-tune), the same for every `skip`."""
     x, y = exp.val
-    idx = np.random.default_rng(seed).permutation(len(x))[:min(size, len(x))]
+    idx = validation_sample(len(x), size, seed, skip)
     data = dict(variables={k: v for k, v in variables.items() if k in ("params", "batch_stats", "masks")},
                 images=jnp.asarray(normalize(x[idx], exp.mean, exp.std)), labels=jnp.asarray(y[idx], jnp.int32))
     if train_steps:
@@ -125,11 +142,8 @@ def policy_plan(s, table, env, values, seed: int, batch_size: int) -> tuple[Prun
 
 # ------------------------------------------------------------------------------------ stages
 
-def search_pruning(s, env, exp, variables, seed: int, workdir: str):
-    """Stage 1: the agent searches pruning rates; every candidate is scored in-graph on
-    a fixed validation sample. Returns the `run_search` result (best policy, history)."""
-    data = eval_data(exp, variables, s.eval_size, seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
-    agent = make_agent(s.agent, s, env.num_steps)
+def stage1_scoring(s, env, exp, variables):
+    """(evaluator, reward_fn) of stage 1: how every candidate is scored."""
     if isinstance(env, ElementEnv):
         evaluator = make_element_evaluator(env, exp.model, variables, s.eval_chunk or 1, s.bn_adapt,
                                            s.candidate_finetune_steps, s.candidate_finetune_lr)
@@ -137,10 +151,54 @@ def search_pruning(s, env, exp, variables, seed: int, workdir: str):
         ranks = channel_ranks(C.channel_scores(exp.table, variables, s.rank_criterion))
         evaluator = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode,
                                          s.candidate_finetune_steps, s.candidate_finetune_lr, s.bn_adapt)
-    return run_search(env, agent, evaluator, make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm), data,
-                      num_actors=s.num_actors, episodes=s.episodes, seed=seed,
+    return evaluator, make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm)
+
+
+def search_pruning(s, env, exp, variables, seed: int, workdir: str, scoring=None):
+    """Stage 1: the agent searches pruning rates; every candidate is scored in-graph on
+    a fixed validation sample (split A) by `scoring` (default `stage1_scoring`).
+    Returns the `run_search` result (best policy, history)."""
+    data = eval_data(exp, variables, s.eval_size, seed, s.candidate_finetune_steps, s.candidate_finetune_batch)
+    agent = make_agent(s.agent, s, env.num_steps)
+    evaluator, reward_fn = scoring or stage1_scoring(s, env, exp, variables)
+    return run_search(env, agent, evaluator, reward_fn, data, num_actors=s.num_actors, episodes=s.episodes, seed=seed,
                       checkpoint_dir=os.path.join(workdir, "stage1"), checkpoint_every=s.checkpoint_every,
                       log_every=s.log_every, name="stage 1 (pruning)")
+
+
+def check_rerank(s, n_val: int) -> None:
+    """ConfigError (one line) when re-ranking is on and split A takes every one of the
+    `n_val` validation images."""
+    if s.rerank_top_k and n_val <= s.eval_size:
+        raise ConfigError(f"search.rerank_top_k={s.rerank_top_k} needs validation images beyond split A: the "
+                          f"validation split has {n_val}, search.eval_size={s.eval_size} takes them all; lower "
+                          f"search.eval_size, raise data.val_size or set search.rerank_top_k=0")
+
+
+def rerank_stage1(s, exp, variables, res1, scoring, seed: int) -> dict | None:
+    """Held-out re-ranking of stage 1 (`jaxcompress.rl.rerank`): the top
+    `search.rerank_top_k` distinct candidates by their split-A reward, scored by the same
+    `scoring` on split B, `search.rerank_size` validation images disjoint from split A
+    (`validation_sample`). None when `rerank_top_k` is 0; ConfigError when the validation
+    split has no image left after split A."""
+    if not s.rerank_top_k:
+        return None
+    n_val = len(exp.val[0])
+    check_rerank(s, n_val)
+    if n_val < s.eval_size + s.rerank_size:
+        logging.warning("stage 1 re-ranking: split B has %d validation images, not search.rerank_size=%d (the "
+                        "validation split has %d, split A takes %d)", n_val - s.eval_size, s.rerank_size, n_val,
+                        s.eval_size)
+    data_b = eval_data(exp, variables, s.rerank_size, seed, s.candidate_finetune_steps, s.candidate_finetune_batch,
+                       skip=s.eval_size)
+    evaluator, reward_fn = scoring
+    out = rerank(evaluator, reward_fn, res1.history, data_b, s.rerank_top_k)
+    out["size_a"] = min(s.eval_size, n_val)
+    c = out["candidates"][out["chosen"]]
+    logging.info("stage 1 re-ranking: %d candidates on %d held-out images; chosen #%d (split A reward %.4f, "
+                 "split B %.4f), split-A best has split B %.4f", len(out["candidates"]), out["size_b"],
+                 out["chosen"] + 1, c["reward_a"], c["reward_b"], out["candidates"][0]["reward_b"])
+    return out
 
 
 def apply_policy(exp, state, plan: PrunePlan, iterations: int, step_recipe: Recipe, recipe: Recipe, workdir: str,
@@ -165,6 +223,7 @@ def search(config, workdir: str) -> dict:
     s, hw = config.search, config.hardware
     schema.validate(config)  # called directly (not through jaxcompress.jobs.run): still checked first
     exp = setup_experiment(config)
+    check_rerank(s, len(exp.val[0]))  # before any training or search
     table = exp.table
     env = make_env(s, table, hw.multiple)  # an infeasible budget fails here, before any training or evaluation
     if s.latency_budget:  # measured on this device (cached); the action wall then also keeps to it
@@ -174,9 +233,12 @@ def search(config, workdir: str) -> dict:
     teacher = Teacher.of(state)  # fine-tunes distil from the reference when train.distill_weight > 0
     evaluate = make_eval_fn(exp, config.train.eval_batch_size)
     dense = dict(test=evaluate(state, exp.test), val=evaluate(state, exp.val))
-    res1 = search_pruning(s, env, exp, state.variables(), config.seed, workdir)
+    scoring = stage1_scoring(s, env, exp, state.variables())
+    res1 = search_pruning(s, env, exp, state.variables(), config.seed, workdir, scoring)
+    reranked = rerank_stage1(s, exp, state.variables(), res1, scoring, config.seed)
+    best1 = reranked["best"] if reranked else res1.best  # the policy applied
 
-    values = np.asarray(res1.best["values"])
+    values = np.asarray(best1["values"])
     plan, iterations = policy_plan(s, table, env, values, config.seed, config.train.batch_size)
     recipe = Recipe.from_config(config).replace(learning_rate=s.finetune_learning_rate)
     masked, small_exp, small_state = apply_policy(exp, state, plan, iterations,
@@ -186,13 +248,13 @@ def search(config, workdir: str) -> dict:
                                  "shrunk": (small_exp.model, without_masks(small_state.variables()))},
                                 exp.input_shape, hw.latency_batch)
     stage1 = stage1_summary(s, env, exp, masked, small_exp, small_state, res1, dense, latency, hw.latency_batch,
-                            config.train.eval_batch_size)
+                            config.train.eval_batch_size, best1, reranked)
 
     stage2, res2, qenv = None, None, None
     if s.quant.episodes > 0:
         stage2, res2, qenv = search_bits(config, small_exp, small_state, cost.summarize(table)["totals"]["bytes"],
                                          workdir)
-    write_reports(workdir, config.model.name, s, env, table, small_exp, stage1, res1, res2, qenv)
+    write_reports(workdir, config.model.name, s, env, table, small_exp, stage1, res1, res2, qenv, reranked)
     dense_cost = cost.summarize(table)["totals"]
     summary = dict(
         job=config.job, model=config.model.name, dataset=config.data.name, agent=s.agent,
@@ -208,9 +270,12 @@ def search(config, workdir: str) -> dict:
 
 
 def stage1_summary(s, env, exp, masked, small_exp, small_state, res1, dense: dict, latency: dict,
-                   latency_batch: int, eval_batch_size: int) -> dict:
-    """Stage 1's part of summary.json: the best policy, its costs and accuracies."""
-    table, best, h1 = exp.table, res1.best, res1.history
+                   latency_batch: int, eval_batch_size: int, best: dict | None = None,
+                   reranked: dict | None = None) -> dict:
+    """Stage 1's part of summary.json: the applied policy `best` (default the search's
+    best; its split-A reward and accuracy), its costs and accuracies, the re-ranking."""
+    table, h1 = exp.table, res1.history
+    best = best or res1.best
     dense_cost = cost.summarize(table)["totals"]
     pruned_cost = cost.summarize(table, masked.masks)["totals"]
     widths = cost.effective_widths(table, masked.masks)
@@ -240,7 +305,21 @@ def stage1_summary(s, env, exp, masked, small_exp, small_state, res1, dense: dic
         accuracy_pruned=pruned_test["accuracy"], val_accuracy_pruned=pruned_val["accuracy"],
         params_pruned=pruned_cost["nonzero_params"], flops_pruned=2 * pruned_cost["sparse_macs"],
         search_time_s=res1.wall_time_s, compile_time_s=res1.compile_time_s,
-        episodes_per_s=len(h1["reward"]) / max(res1.wall_time_s - res1.compile_time_s, 1e-9))
+        episodes_per_s=len(h1["reward"]) / max(res1.wall_time_s - res1.compile_time_s, 1e-9),
+        rerank=rerank_summary(reranked))
+
+
+def rerank_summary(reranked: dict | None) -> dict | None:
+    """The re-ranking in summary.json: sizes, the chosen candidate's and the split-A
+    best's scores on both splits (every candidate is in pareto.json)."""
+    if reranked is None:
+        return None
+    c, first = reranked["candidates"][reranked["chosen"]], reranked["candidates"][0]
+    return dict(top_k=reranked["top_k"], candidates=len(reranked["candidates"]), size_a=reranked["size_a"],
+                size_b=reranked["size_b"], chosen=reranked["chosen"], chosen_episode=c.get("episode"),
+                chosen_reward_a=c["reward_a"], chosen_reward_b=c["reward_b"], chosen_accuracy_a=c["accuracy_a"],
+                chosen_accuracy_b=c["accuracy_b"], search_best_reward_a=first["reward_a"],
+                search_best_reward_b=first["reward_b"])
 
 
 def search_bits(config, small_exp, small_state, dense_bytes: float, workdir: str):
@@ -302,9 +381,11 @@ def qat_and_export(config, exp, state, bits_w: dict, bits_a: int | None, workdir
                 payload_equals_accounting=bool(out["payload_equals_accounting"]))
 
 
-def write_reports(workdir: str, model_name: str, s, env, table, small_exp, stage1: dict, res1, res2, qenv) -> None:
-    """pareto.json / pareto.png (every candidate, the fronts, the best per budget),
-    rewards.png and policy.png (per-layer rates and bits, the paper's Figure 4)."""
+def write_reports(workdir: str, model_name: str, s, env, table, small_exp, stage1: dict, res1, res2, qenv,
+                  reranked: dict | None = None) -> None:
+    """pareto.json / pareto.png (every candidate, the fronts, the best per budget, the
+    re-ranked candidates with both splits' scores and the chosen one), rewards.png and
+    policy.png (per-layer rates and bits, the paper's Figure 4)."""
     params_dense = cost.summarize(table)["totals"]["params"]
     points1 = history_points(res1.history)
     acc1 = [p["accuracy"] for p in points1]
@@ -315,7 +396,7 @@ def write_reports(workdir: str, model_name: str, s, env, table, small_exp, stage
                               front_params=[points1[i] for i in front_params],
                               best_per_budget=report.best_per_budget([p["cost_ratio"] for p in points1], acc1,
                                                                      tuple(s.report_budgets)),
-                              groups=list(names), flops_dense=env.flops_dense))
+                              groups=list(names), flops_dense=env.flops_dense, rerank=reranked))
     ylabel1 = (f"val accuracy (after {s.candidate_finetune_steps} SGD steps)" if s.candidate_finetune_steps
                else "val accuracy (no fine-tune)")
     panels = [dict(x=[p["cost_ratio"] for p in points1], y=acc1, front=front_flops, xlabel="FLOPs / dense",
