@@ -7,6 +7,8 @@ import optax
 import pytest
 from scipy import integrate
 
+from conftest import fast_jit  # tests/ is on sys.path (pytest's prepend import mode)
+
 from jaxcompress.layers import BatchNorm, Conv, Dense
 from jaxcompress.models import describe
 from jaxcompress.pruning import shrink
@@ -147,9 +149,10 @@ def test_one_meta_step_decreases_post_adaptation_loss():
     tasks = sampler.sample(0, 2)
     state = stamp.create_state(jax.random.key(0), tasks["set_x"][0], tasks["set_y"][0], optax.sgd(0.5))
     keys = jax.random.split(jax.random.key(7), 2)
-    post = jax.jit(lambda p: jax.vmap(stamp.post_adaptation_loss, in_axes=(None, 0, 0))(p, tasks, keys).mean())
+    # fast_jit: XLA's backend optimisations off (the second-order meta step is a long compile)
+    post = fast_jit(lambda p: jax.vmap(stamp.post_adaptation_loss, in_axes=(None, 0, 0))(p, tasks, keys).mean())
     before = float(post(state.params))
-    new_state, info = jax.jit(stamp.meta_step)(state, tasks)
+    new_state, info = fast_jit(stamp.meta_step)(state, tasks)
     after = float(post(new_state.params))
     assert int(new_state.step) == 1 and np.isfinite(float(info["query_loss"]))
     assert after < before - 1e-4, (before, after)
