@@ -134,6 +134,46 @@ def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch,
     assert got[0]["val"] == ref[0]["val"]
 
 
+def _tiny_job(job: str):
+    """The quickstart's digits at 8x8 through LeNet-300-100: a reference (1 epoch), then
+    the prune job's fine-tune or QAT (1 epoch each), checkpoints every 5 steps."""
+    c = _config(1, 5)
+    c.job, c.model.name, c.data.image_size = job, "lenet300_100", 8
+    c.prune.finetune_epochs = 1
+    c.quant.mode, c.quant.qat_epochs = "qat", 1
+    return c
+
+
+@pytest.mark.parametrize("job, killed_at", [("prune", 50), ("quantize", 45)])
+def test_prune_and_qat_killed_mid_phase_resume_to_the_same_summary(tmp_path, monkeypatch, job, killed_at):
+    """Killed (an exception at the `killed_at`-th training step of the whole job, in the
+    fine-tune / QAT phase after the 38-step reference: no save at the kill, as with kill
+    -9) and rerun: the same summary's accuracies as an uninterrupted run."""
+    c = _tiny_job(job)
+    reference = str(tmp_path / "reference")
+    expected = jobs.run(c, reference)
+    original, calls = loop._train_step, []
+
+    def killed(*args, **kwargs):
+        step, extra = original(*args, **kwargs)
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == killed_at:
+                raise _Killed
+            return step(*a)
+        return wrapped, extra
+
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(loop, "_train_step", killed)
+    with pytest.raises(_Killed):
+        jobs.run(c, workdir)
+    monkeypatch.setattr(loop, "_train_step", original)
+    got = jobs.run(c, workdir)
+    accuracies = sorted(k for k, v in expected.items() if "accuracy" in k and isinstance(v, float))
+    assert accuracies and {k: got[k] for k in accuracies} == {k: expected[k] for k in accuracies}
+
+
 def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoints(tmp_path):
     workdir = str(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
