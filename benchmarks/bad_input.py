@@ -20,6 +20,8 @@ import tempfile
 
 from absl import logging
 
+from jaxcompress.train.metrics import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTCOMES = ("refused", "noisy", "traceback", "accepted", "other")
 
@@ -108,5 +110,7 @@ def run(config, workdir: str) -> dict:
     counts = {k: sum(r["outcome"] == k for r in rows) for k in OUTCOMES}
     for r in rows:
         logging.info("%-9s %-8s %s: %s", r["outcome"], r["job"], r["override"], r["line"][:120])
-    return dict(job=config.job, cases=len(rows), counts=counts, refused_share=counts["refused"] / len(rows),
-                rows=rows)
+    summary = dict(job=config.job, cases=len(rows), counts=counts, refused_share=counts["refused"] / len(rows),
+                   rows=rows)
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary

@@ -57,7 +57,11 @@ def run(config, workdir: str, jobs: Mapping[str, str] = JOBS, distilling=DISTILL
     job = resolve(jobs[config.job])  # before any work: a missing extra fails here
     # once per process, before any JAX computation; every job (and every job a job runs) shares it
     multihost = initialize_from_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # a file there, no permission, ...
+        raise ConfigError(f"--workdir={workdir}: cannot be used as the run's directory ({type(e).__name__}: "
+                          f"{e.strerror or e}); give a new or existing directory") from None
     with workdir_lock(workdir, multihost=multihost):  # a second live run: one-line refusal
         write_json(os.path.join(workdir, "config.json"), config.to_dict())
         return job(config, workdir)

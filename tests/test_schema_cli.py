@@ -72,3 +72,16 @@ def test_bad_input_is_one_line_and_exit_code_2(runs, name):
     for fragment in CASES[name][2]:
         assert fragment in lines[0], lines[0]
     assert not workdir.exists()  # refused before config.json (or anything else) was written
+
+
+def test_a_workdir_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path):
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("my notes\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "launch.main", *QUICK, f"--workdir={workdir}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: --workdir={workdir}: cannot be used") and "FileExistsError" in lines[0]
+    assert workdir.read_text() == "my notes\n"
