@@ -478,3 +478,28 @@ def test_second_run_on_a_held_workdir_is_refused_in_one_line(tmp_path):
         _assert_one_line_exit(proc, f"pid {os.getpid()}", socket.gethostname(), "in use")
     assert not os.path.exists(os.path.join(workdir, "config.json"))  # refused before anything is written
     gc.collect()
+
+
+def _abandoned_coroutine(raiser_file: str) -> None:
+    """A coroutine from `raiser_file`, suspended mid-read and garbage-collected: its
+    cleanup raises, which Python reports as "Exception ignored in: <coroutine ...>"."""
+    namespace = {}
+    exec(compile("class Wait:\n    def __await__(self):\n        yield\n\n"
+                 "async def read():\n    try:\n        await Wait()\n    finally:\n"
+                 "        raise Exception('Encountered error while reading array index')\n", raiser_file, "exec"),
+         namespace)
+    coroutine = namespace["read"]()
+    coroutine.send(None)
+    del coroutine
+    gc.collect()
+
+
+def test_abandoned_orbax_coroutines_are_not_reported_but_others_are(monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    _drop_closed_loop_reports()  # wraps the recorder
+    _abandoned_coroutine("/site-packages/orbax/checkpoint/serialization.py")
+    assert reported == []
+    _abandoned_coroutine("/site-packages/mylib/reader.py")
+    (report,) = reported
+    assert "Encountered error" in str(report.exc_value)

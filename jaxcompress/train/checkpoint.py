@@ -131,17 +131,24 @@ def verify_manifest(step_dir: str) -> str | None:
 
 def _drop_closed_loop_reports() -> None:
     """When one of Orbax's tensorstore reads fails, `asyncio.run` closes its event loop
-    while other reads are still in flight; each of those later reports `RuntimeError:
-    Event loop is closed` through `sys.unraisablehook` (a traceback on stderr, after the
-    one-line error, sometimes at exit). Nobody waits for those reads: drop exactly these
-    reports and pass every other one on. Installed before Orbax reads or writes."""
+    while other reads are still in flight. Nobody waits for those reads, but each reports
+    itself later (a traceback on stderr after the one-line error, sometimes at exit), in
+    one of three ways:
+
+    * `RuntimeError: Event loop is closed` through `sys.unraisablehook`;
+    * "Exception ignored in: <coroutine object ...>" through `sys.unraisablehook`, with
+      the read's own exception;
+    * asyncio's "Future/Task exception was never retrieved" log with that exception.
+
+    Drop exactly these (an exception raised in Orbax's code, or the closed loop) and pass
+    every other report on. Installed before Orbax reads or writes."""
     current = sys.unraisablehook
     if getattr(current, "_jaxcompress_drops_closed_loop", False):
         return
 
     def hook(unraisable):
         exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or _raised_in_orbax(exc):
             return
         current(unraisable)
 
@@ -150,20 +157,23 @@ def _drop_closed_loop_reports() -> None:
     py_logging.getLogger("asyncio").addFilter(_AbandonedOrbaxRead())
 
 
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class _AbandonedOrbaxRead(py_logging.Filter):
-    """The other face of the same abandoned reads: a read that fails after the loop
-    closed is garbage-collected unretrieved, and asyncio logs "Future/Task exception was
-    never retrieved" with its traceback. Drop those whose exception Orbax raised."""
+    """asyncio's "... exception was never retrieved" logs of abandoned Orbax reads
+    (`_drop_closed_loop_reports`)."""
 
     def filter(self, record):
         if not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved"):
             return True
-        tb = record.exc_info[2] if record.exc_info else None
-        while tb is not None:
-            if "orbax" in tb.tb_frame.f_code.co_filename:
-                return False
-            tb = tb.tb_next
-        return True
+        return not (record.exc_info and _raised_in_orbax(record.exc_info[1]))
 
 
 class _MetadataNoise(py_logging.Filter):
