@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from jaxcompress import schema
 from jaxcompress.data import Dataset, channel_stats, load_dataset, select_classes, split_validation, stratified_subset
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import ModelTable, create_model, describe, get_spec
@@ -45,13 +46,17 @@ class Experiment:
         return tuple(self.train[0].shape[1:])
 
 
-def check_train_config(cfg, num_devices: int) -> None:
-    """What the schema cannot know: the batches split evenly over this run's devices."""
-    for key in ("batch_size", "eval_batch_size"):
-        size = getattr(cfg, key)
+def check_batches(config, num_devices: int) -> None:
+    """What the schema cannot know: the batches the job will split over this run's
+    devices divide evenly (the train and eval batches; variational pruning's, when used)."""
+    fields = ["train.batch_size", "train.eval_batch_size"]
+    if "variational" in (config.get("prune", {}).get("criterion"), config.get("search", {}).get("scheme")):
+        fields.append("prune.variational.batch_size")
+    for path in fields:
+        size = schema.get(config, path)
         if size <= 0 or size % num_devices:
-            raise ConfigError(f"train.{key}={size} must be a positive multiple of the {num_devices} devices; "
-                              f"set --config.train.{key} to e.g. {num_devices * max(1, size // num_devices)}")
+            raise ConfigError(f"{path}={size}: must be a positive multiple of the {num_devices} devices; "
+                              f"set --config.{path} to e.g. {num_devices * max(1, size // num_devices)}")
 
 
 def pick_classes(ds: Dataset, classes, field: str):
@@ -75,7 +80,7 @@ def setup_experiment(config) -> Experiment:
     """Loads and splits the data and builds the model named by `config`."""
     get_spec(config.model.name)  # unknown model: fail before loading data
     mesh = make_mesh()
-    check_train_config(config.train, mesh.size)
+    check_batches(config, mesh.size)
     d = config.data
     ds = load_dataset(d.name, data_dir=d.data_dir or None, image_size=d.image_size or None,
                       channels=d.channels or None)
