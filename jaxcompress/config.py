@@ -182,7 +182,7 @@ SCHEMA = Section(
         cost_norm=Choice("bounds", ("bounds", "observed")),  # R_FLOPs's F_min/F_max: bounds (reachable range) |
         # observed (so far)
         rank_criterion=Choice("l1", ("l1", "l2", "bn")),  # channel ranking used inside the search (magnitude:
-        # fast, in-graph)
+        # fast, in-graph); must equal scheme when that is l1 | l2 | bn
         eval_size=Int(1000, lo=1),  # validation images each candidate is evaluated on (fixed sample; never test)
         rerank_top_k=Int(8, lo=0, note="0: off"),  # the top-k distinct stage-1 candidates re-scored on split B,
         # the best there applied (EagleEye; jaxcompress.rl.rerank; 0: off, the best on the eval_size sample)
@@ -379,6 +379,9 @@ RULES = (
     *(Rule(f"{job}.latency_budget", "0 when hardware.latency_batch=0 (the latency is measured at that batch)",
            lambda c, job=job: not c[job].latency_budget, others=("hardware.latency_batch",),
            when=lambda c: c.hardware.latency_batch == 0) for job in ("prune", "search")),
+    Rule("search.rank_criterion", "search.scheme={search.scheme} (candidates are scored with the channel "
+         "criterion the chosen policy is then pruned with)", lambda c: c.search.rank_criterion == c.search.scheme,
+         others=("search.scheme",), when=lambda c: c.search.scheme in ("l1", "l2", "bn")),
     Rule("search.granularity", "channel for search.latency_budget or search.scheme=lasso / variational (element "
          "search prunes weights by magnitude, with no latency model)", lambda c: c.search.granularity == "channel",
          others=("search.latency_budget", "search.scheme"),

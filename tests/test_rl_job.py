@@ -69,3 +69,14 @@ def test_element_granularity_bad_settings():
     c.search.granularity = "kernel"
     with pytest.raises(ConfigError, match="search.granularity='kernel': must be one of"):
         validate(c)
+
+
+def test_candidates_are_scored_with_the_criterion_the_winner_is_pruned_with():
+    c = _config()
+    c.search.granularity, c.search.scheme = "channel", "l2"
+    with pytest.raises(ConfigError, match=r"search.rank_criterion='l1': must be search.scheme=l2"):
+        validate(c)
+    c.search.rank_criterion = "l2"
+    validate(c)
+    c.search.scheme = "lasso"  # no precomputed order for LASSO / variational yet: magnitude ranks score them
+    validate(c)
