@@ -20,6 +20,7 @@ BENCHMARKS = {
     "bench_search_speed": "benchmarks.search_rl:speed",
     "bench_search_agents": "benchmarks.search_rl:agents",
     "bench_bad_input": "benchmarks.bad_input:run",
+    "bench_multiprocess": "benchmarks.multiprocess:run",
 }
 ALL_JOBS = {**jobs.JOBS, **BENCHMARKS}
 DISTILLING = jobs.DISTILLING + ("bench_search_agents", "bench_budget_accuracy")
