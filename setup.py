@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "flax>=0.10",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
+    "etils[epath]>=1.5",  # paths a config names (gs:// too), checked before a job starts
     "chex>=0.1.89",
     "ml-collections>=1.0",
     "absl-py>=2.0",
