@@ -308,6 +308,17 @@ def exists(path: str, kind: str = "dir"):
     return ok
 
 
+BUILTIN_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}  # the built-in datasets' class counts
+
+
+def _classes_of(field: str, dataset):
+    """A rule: the class ids at `field` exist in the built-in dataset `dataset(config)`
+    (known before loading it; npz / tfds class lists are checked when loaded)."""
+    return Rule(field, lambda c: f"class ids of {dataset(c)}, 0..{BUILTIN_CLASSES[dataset(c)] - 1}",
+                lambda c: all(k < BUILTIN_CLASSES[dataset(c)] for k in get(c, field)),
+                when=lambda c: dataset(c) in BUILTIN_CLASSES)
+
+
 def _address_ok(address: str) -> bool:
     host, sep, port = address.strip().rpartition(":")
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
@@ -365,6 +376,9 @@ RULES = (
     Rule("quant.qat_epochs", ">= 1 for quant.mode=qat", lambda c: c.quant.qat_epochs >= 1,
          others=("quant.mode",), when=lambda c: c.quant.mode == "qat"),
     *(_one_quant_budget(name) for name in QUANT_BUDGETS[1:]),
+    _classes_of("data.classes", lambda c: c.data.name),
+    _classes_of("stamp.reference_classes", lambda c: c.data.name),
+    _classes_of("stamp.target.classes", lambda c: c.stamp.target.name or c.data.name),
     Rule("quant.allocation", "uniform unless a size budget is set (quant.budget_bytes, budget_ratio or "
          "budget_uniform_bits): sensitivity allocation spends one", lambda c: c.quant.allocation != "sensitivity"
          or bool(c.quant.budget_bytes or c.quant.budget_ratio or c.quant.budget_uniform_bits),

@@ -508,3 +508,19 @@ def test_stratified_subset_keeps_class_proportions_and_order():
     assert np.bincount(ys).tolist() == [12, 6, 2]  # 20 x (0.6, 0.3, 0.1)
     assert np.all(np.diff(xs) > 0) and np.array_equal(y[xs], ys)
     assert stratified_subset(x, y, 0)[0] is x and stratified_subset(x, y, 100)[0] is x
+
+
+def test_pick_classes_relabels_and_refuses_a_class_the_dataset_lacks_in_one_line():
+    from jaxcompress.data import Dataset
+    from jaxcompress.errors import ConfigError
+    from jaxcompress.train.experiment import pick_classes
+    y_train, y_test = np.array([0, 3, 5, 3, 0], np.int32), np.array([5, 0, 3], np.int32)
+    ds = Dataset(name="npz:tiny.npz", x_train=np.zeros((5, 2, 2, 1), np.uint8), y_train=y_train,
+                 x_test=np.zeros((3, 2, 2, 1), np.uint8), y_test=y_test, num_classes=8)
+    (_, ytr), (_, yte), k = pick_classes(ds, (5, 3), "data.classes")
+    assert k == 2 and ytr.tolist() == [1, 0, 1] and yte.tolist() == [0, 1]  # 5 -> 0, 3 -> 1, in the given order
+    for classes, words in (((3, 9), "npz:tiny.npz has classes 0..7"), ((3, 7), "classes [7] do not occur")):
+        with pytest.raises(ConfigError) as e:
+            pick_classes(ds, classes, "stamp.target.classes")
+        assert str(e.value).startswith(f"stamp.target.classes={classes}: must be class ids present in the dataset")
+        assert words in str(e.value) and "\n" not in str(e.value)
