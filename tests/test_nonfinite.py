@@ -100,6 +100,26 @@ class _Killed(Exception):
     pass
 
 
+def _stop_training_at(monkeypatch, n: int, stop):
+    """The `n`-th training step (1-based, counted over every `fit` of the job) and any
+    later one raise `stop` instead of running. Returns a function that puts the real
+    steps back, for the rerun."""
+    original, calls = loop._train_step, []
+
+    def stopping(*args, **kwargs):
+        step, extra = original(*args, **kwargs)
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) >= n:
+                raise stop
+            return step(*a)
+        return wrapped, extra
+
+    monkeypatch.setattr(loop, "_train_step", stopping)
+    return lambda: monkeypatch.setattr(loop, "_train_step", original)
+
+
 @pytest.mark.parametrize("stop,resumed_at", [(_Killed, 15), (KeyboardInterrupt, 17)])
 def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch, stop, resumed_at):
     """Stopped after 17 steps and resumed: killed, from the last checkpoint (step 15,
@@ -109,24 +129,12 @@ def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch,
     reference = str(tmp_path / "reference")
     jobs.run(c, reference)
 
-    original, calls = loop._train_step, []
-
-    def killed_after_17(*args, **kwargs):
-        step, extra = original(*args, **kwargs)
-
-        def wrapped(*a):
-            calls.append(1)
-            if len(calls) > 17:
-                raise stop
-            return step(*a)
-        return wrapped, extra
-
     workdir = str(tmp_path / "run")
-    monkeypatch.setattr(loop, "_train_step", killed_after_17)
+    restore_steps = _stop_training_at(monkeypatch, 18, stop)  # after 17 steps
     with pytest.raises(stop):
         jobs.run(c, workdir)
     assert max(_steps(os.path.join(workdir, "checkpoints"))) == resumed_at
-    monkeypatch.setattr(loop, "_train_step", original)
+    restore_steps()
     jobs.run(c, workdir)
     got, ref = read_metrics(workdir), read_metrics(reference)
     assert [m["epoch"] for m in got] == [1] and got[0]["step"] == ref[0]["step"] == SPE
@@ -152,23 +160,11 @@ def test_prune_and_qat_killed_mid_phase_resume_to_the_same_summary(tmp_path, mon
     c = _tiny_job(job)
     reference = str(tmp_path / "reference")
     expected = jobs.run(c, reference)
-    original, calls = loop._train_step, []
-
-    def killed(*args, **kwargs):
-        step, extra = original(*args, **kwargs)
-
-        def wrapped(*a):
-            calls.append(1)
-            if len(calls) == killed_at:
-                raise _Killed
-            return step(*a)
-        return wrapped, extra
-
     workdir = str(tmp_path / "run")
-    monkeypatch.setattr(loop, "_train_step", killed)
+    restore_steps = _stop_training_at(monkeypatch, killed_at, _Killed)
     with pytest.raises(_Killed):
         jobs.run(c, workdir)
-    monkeypatch.setattr(loop, "_train_step", original)
+    restore_steps()
     got = jobs.run(c, workdir)
     accuracies = sorted(k for k, v in expected.items() if "accuracy" in k and isinstance(v, float))
     assert accuracies and {k: got[k] for k in accuracies} == {k: expected[k] for k in accuracies}
