@@ -18,7 +18,8 @@ MAX_EPOCHS = 10 ** 6  # an epoch count above this is a typo (it would run for ev
 MAX_STEPS = 10 ** 9  # likewise for step, episode and iteration counts
 BITS_W = tuple(range(1, 9)) + (32,)  # weight bits a layer can take (32 = float; jaxcompress.quant.policy)
 BITS_A = tuple(range(2, 9)) + (32,)  # activation bits (32 = float)
-STAMP_METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "bbdropout", "scratch")
+STAMP_METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "random_stamp_widths",
+                 "bbdropout", "scratch")
 
 
 def _model_names():
@@ -256,6 +257,11 @@ SCHEMA = Section(
         budget_penalty=Choice("target", ("target", "hinge")),  # target: |E[fraction] - budget| | hinge:
         # relu(E - budget)
         kl_weight=nonneg(1.0), prior_alpha=rate(1e-4), a_init=Float(2.0), temperature=rate(0.1),
+        selection=Choice("global", ("global", "per_layer")),  # global: widths from the global ranking of
+        # E[pi] (mask_mode) | per_layer: each group keeps its uniform-widths count at the budget (the baselines'
+        # widths), the highest E[pi] at deployment, a straight-through top-k of the gates in meta-training
+        channel_stats=Bool(False),  # the generator also reads per-channel statistics of the target sample
+        diagnostic_sets=Int(8, lo=0, hi=1000, note="0: no diagnostics"),  # target sets for E[pi]'s variation
         mask_mode=Choice("budget", ("budget", "threshold")),
         threshold=fraction(1e-3),  # budget: top E[pi] meeting the budget | threshold: E[pi] >= t
         instance=Choice("pretrained", ("pretrained", "stem")),

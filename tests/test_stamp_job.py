@@ -52,8 +52,8 @@ def test_stamp_time_ratios_by_hand():
 EPOCHS = 2
 
 
-@pytest.fixture(scope="module")
-def stamp_run(tmp_path_factory):
+def stamp_config():
+    """The stamp job on LeNet-5 / the embedded digits, 0-4 -> 5-9, minutes on a CPU."""
     c = default.get_config()
     c.job, c.model.name = "stamp", "lenet5"
     c.data.name, c.data.image_size = "digits", 28
@@ -67,6 +67,12 @@ def stamp_run(tmp_path_factory):
     s.inner_steps, s.inner_batch, s.query_size = 2, 16, 32
     s.finetune_epochs = EPOCHS
     s.methods = ("stamp", "dense", "magnitude", "random", "scratch")
+    return c
+
+
+@pytest.fixture(scope="module")
+def stamp_run(tmp_path_factory):
+    c = stamp_config()
     workdir = str(tmp_path_factory.mktemp("stamp"))
     start = time.time()
     summary = jobs.run(c, workdir)
@@ -113,3 +119,21 @@ def test_stamp_job_curves_and_time_ratios(stamp_run):
         assert t == D.time_to_accuracy(s["methods"][name]["val_curve"], s["stamp_val_accuracy"])
         ratio = s["time_ratio_to_stamp"][name]
         assert ratio == (None if t is None else pytest.approx(t / s["methods"]["stamp"]["target_time_s"]))
+
+
+def test_stamp_job_per_layer_selection_baselines_at_stamps_widths(stamp_run, tmp_path):
+    """`selection=per_layer` with per-channel statistics (the pretraining of `stamp_run`
+    reused): every baseline exactly at STAMP's widths, STAMP within its budget, and the
+    diagnostics of E[pi] recorded."""
+    c = stamp_run["config"].copy_and_resolve_references()
+    s = c.stamp
+    s.pretrained = os.path.join(stamp_run["workdir"], "pretrain")
+    s.selection, s.channel_stats, s.baseline_widths, s.diagnostic_sets = "per_layer", True, "stamp", 3
+    s.methods, s.finetune_epochs = ("stamp", "snip_pretrained", "random_stamp_widths"), 1
+    r = jobs.run(c, str(tmp_path))["methods"]
+    for name in s.methods:
+        assert r[name]["widths"] == r["stamp"]["widths"]
+    assert r["stamp"]["params_pct"] <= 100 * s.budget + 1e-6
+    v = r["stamp"]["keep_prob_variation"]
+    assert v["sets"] == 4 and v["across_sets"] >= 0 and 0 <= v["mask_agreement"] <= 1
+    assert 0 <= r["stamp"]["keep_prob_undecided"] <= 1

@@ -46,11 +46,49 @@ def sample_set(x, y, size: int, seed: int):
 
 
 def stamp_masks(stamp, meta_params, set_inputs, set_labels, *, mode: str, threshold: float,
-                budget: float, metric: str, multiple: int | None = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(hard prunable-group masks, E[pi]) for one target set (one forward pass)."""
-    probs = jax.jit(stamp.keep_probabilities)(meta_params, jnp.asarray(set_inputs), jnp.asarray(set_labels))
+                budget: float, metric: str, multiple: int | None = 1, set_images=None
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(hard prunable-group masks, E[pi]) for one target set (one forward pass; `set_images`:
+    the set's uint8 images, for a Stamp reading per-channel statistics). A Stamp with
+    `keep_counts` keeps that many channels of each group, the highest E[pi] (its
+    straight-through top-k at test time); otherwise `hard_group_masks` (mode, budget)."""
+    images = None if set_images is None else jnp.asarray(set_images)
+    probs = jax.jit(stamp.keep_probabilities)(meta_params, jnp.asarray(set_inputs), jnp.asarray(set_labels), images)
     probs = [np.asarray(p) for p in probs]
+    if stamp.keep_counts is not None:
+        return [np.asarray(m) for m in C.masks_from_scores(probs, stamp.keep_counts)], probs
     return hard_group_masks(stamp.layout, probs, mode, threshold, budget, metric, multiple), probs
+
+
+def undecided_share(probs, low: float = 0.1, high: float = 0.9) -> float:
+    """The share of channels whose E[pi] lies strictly between `low` and `high`."""
+    flat = np.concatenate([np.ravel(p) for p in probs])
+    return float(np.mean((flat > low) & (flat < high)))
+
+
+def keep_prob_variation(prob_sets, mask_sets) -> dict:
+    """How much STAMP's output depends on the target set: E[pi] of the same channels
+    for S sets (`prob_sets[s][group]`) and their hard masks (`mask_sets`, same shape).
+
+    `across_sets`: the mean over channels of E[pi]'s standard deviation across the sets;
+    `across_channels`: the standard deviation across channels (within each group, then
+    averaged over groups, weighted by width) of E[pi] averaged over the sets; `ratio`:
+    the first over the second (near 0: one fixed mask whatever the set);
+    `mask_agreement`: the mean, over pairs of sets, of the share of kept channels the two
+    masks have in common (intersection over union; 1: the same mask for every set)."""
+    probs = np.stack([np.concatenate([np.ravel(p) for p in ps]) for ps in prob_sets])  # (S, channels)
+    widths = [np.size(p) for p in prob_sets[0]]
+    bounds = np.cumsum([0] + widths)
+    mean = probs.mean(0)
+    across_channels = float(sum(w * mean[a:b].std() for w, a, b in zip(widths, bounds[:-1], bounds[1:]))
+                            / sum(widths))
+    across_sets = float(probs.std(0).mean())
+    masks = np.stack([np.concatenate([np.ravel(m) for m in ms]) for ms in mask_sets]) > 0.5
+    pairs = [(i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
+    agreement = [float((masks[i] & masks[j]).sum() / max((masks[i] | masks[j]).sum(), 1)) for i, j in pairs]
+    return dict(sets=len(prob_sets), across_sets=across_sets, across_channels=across_channels,
+                ratio=across_sets / across_channels if across_channels > 0 else float("inf"),
+                mask_agreement=float(np.mean(agreement)) if agreement else 1.0)
 
 
 def uniform_counts_for(layout: GroupLayout, fraction: float, metric: str, multiple: int | None = 1) -> list[int]:

@@ -38,6 +38,12 @@ class MaskGenerator(nn.Module):
     a = softplus(W_a h + bias_a), bias_a initialised to `a_init` (b likewise): the
     bias is the task-independent part (plain BBDropout when the set is ignored),
     W h the task-dependent one (initialised small).
+
+    `stat_features` > 0: `stats`, per group a (width, stat_features) array of
+    per-channel statistics of the target sample (`jaxcompress.stamp.channel_stats`,
+    standardised), enter too: per channel, a small MLP (weights shared within the
+    group) of [the channel's statistics, a projection of h] adds to a and b, so the
+    generator can rank channels by what the target does to them (e.g. copy SNIP).
     """
 
     group_widths: tuple[int, ...]
@@ -45,14 +51,24 @@ class MaskGenerator(nn.Module):
     a_init: float = 2.0
     b_init: float = 0.5413  # softplus^-1(1): b = 1, pi ~ Beta(a, 1) at start
     task_scale: float = 0.1
+    stat_features: int = 0
+    stat_hidden: int = 16
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z, stats=None):
+        if self.stat_features and (stats is None or len(stats) != len(self.group_widths)):
+            raise ValueError(f"this MaskGenerator reads per-channel statistics: pass stats, one "
+                             f"(width, {self.stat_features}) array per group ({len(self.group_widths)} groups)")
         h = nn.relu(nn.Dense(self.hidden, name="hidden")(z))
         init = nn.initializers.variance_scaling(self.task_scale ** 2, "fan_in", "normal")
         a_list, b_list = [], []
         for g, w in enumerate(self.group_widths):
             out = nn.Dense(2 * w, kernel_init=init, use_bias=False, name=f"group{g}")(h)
+            if self.stat_features:
+                u = nn.Dense(self.stat_hidden, name=f"stats{g}_in")(stats[g]) + nn.Dense(
+                    self.stat_hidden, use_bias=False, name=f"stats{g}_task")(h)
+                per_channel = nn.Dense(2, kernel_init=init, use_bias=False, name=f"stats{g}_out")(nn.relu(u))
+                out = out + jnp.concatenate([per_channel[..., 0], per_channel[..., 1]], -1)
             bias_a = self.param(f"a{g}", nn.initializers.constant(self.a_init), (w,))
             bias_b = self.param(f"b{g}", nn.initializers.constant(self.b_init), (w,))
             a_list.append(jax.nn.softplus(jnp.clip(out[..., :w] + bias_a, -10.0, 50.0)) + 1e-4)

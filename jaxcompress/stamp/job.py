@@ -36,6 +36,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.latency import measured_latency
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
+from jaxcompress.stamp import channel_stats as CS
 from jaxcompress.stamp import deploy as D
 from jaxcompress.stamp.encoder import SetEncoder, pretrained_features
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective, check_budget
@@ -49,7 +50,8 @@ from jaxcompress.train.state import TrainState
 from jaxcompress.train.steps import make_mesh
 
 BUDGET_PENALTIES = ("target", "hinge")
-METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "bbdropout", "scratch")
+METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "random_stamp_widths", "bbdropout",
+           "scratch")
 
 
 def _split(name, data_dir, image_size, channels, classes, field, max_train, val_size, seed):
@@ -149,7 +151,8 @@ def sparsity_objective(s, num_examples: int) -> SparsityObjective:
 # written with other values cannot be resumed or deployed with these
 META_SETTINGS = ("data.name", "data.image_size", "data.channels", "model.name", "model.width_multiplier",
                  "stamp.reference_classes", "stamp.head_classes", "stamp.scope", "stamp.instance",
-                 "stamp.feature_convs", "stamp.pooling", "stamp.embed_dim", "stamp.num_heads", "stamp.meta_weights")
+                 "stamp.feature_convs", "stamp.pooling", "stamp.embed_dim", "stamp.num_heads", "stamp.meta_weights",
+                 "stamp.channel_stats", "stamp.selection")
 
 
 def meta_settings(config) -> dict:
@@ -173,24 +176,37 @@ def check_meta_checkpoint(directory: str, settings: dict) -> None:
                               f"meta-train afresh into a new --workdir (or stamp.meta_checkpoint)")
 
 
+def selection_counts(s, layout: GroupLayout, multiple: int | None) -> tuple[int, ...] | None:
+    """Channels each prunable group keeps with `stamp.selection=per_layer` (the uniform
+    widths at the budget, `D.uniform_counts_for`: the baselines' widths); None: global."""
+    if s.selection != "per_layer":
+        return None
+    counts = D.uniform_counts_for(layout, s.budget, s.budget_metric, multiple)
+    return tuple(int(counts[g]) for g in layout.groups)
+
+
 def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, directory: str, seed: int,
-                     settings: dict) -> tuple[Stamp, MetaState, float]:
+                     settings: dict, keep_counts: tuple[int, ...] | None = None) -> tuple[Stamp, MetaState, float]:
     """Stage 2: the set encoder and mask generator (the `stamp` section `s`) meta-trained
-    on tasks of the reference experiment `exp` into `directory` (resumable). Returns
+    on tasks of the reference experiment `exp` into `directory` (resumable), with
+    straight-through top-`keep_counts` gates when given (`selection_counts`). Returns
     (the Stamp, its meta-trained state, the stage's wall time)."""
     stamp = Stamp(layout=layout, net_variables=variables, mean=exp.mean, std=exp.std,
                   objective=sparsity_objective(s, len(exp.train[0])),
                   encoder=SetEncoder(dim=s.embed_dim, num_labels=exp.model.num_classes, pooling=s.pooling,
                                      num_heads=s.num_heads),
-                  generator=MaskGenerator(group_widths=layout.widths, hidden=s.embed_dim, a_init=s.a_init),
+                  generator=MaskGenerator(group_widths=layout.widths, hidden=s.embed_dim, a_init=s.a_init,
+                                          stat_features=len(CS.STATISTICS) if s.channel_stats else 0),
                   inner_steps=s.inner_steps, inner_lr=s.inner_lr, temperature=s.temperature,
-                  algorithm=s.algorithm, reptile_lr=s.reptile_lr, meta_weights=s.meta_weights)
+                  algorithm=s.algorithm, reptile_lr=s.reptile_lr, meta_weights=s.meta_weights,
+                  channel_stats=s.channel_stats, keep_counts=keep_counts)
 
     def metatrain():
         feats = _features(exp, variables, exp.train[0], s.feature_convs) if s.instance == "pretrained" else None
         ways = tuple(s.task_ways) if s.task_ways else (exp.num_classes, exp.num_classes)
         sampler = TaskSampler(*exp.train, ways=ways, set_size=s.set_size, inner_steps=s.inner_steps,
-                              inner_batch=s.inner_batch, query_size=s.query_size, seed=seed, set_inputs=feats)
+                              inner_batch=s.inner_batch, query_size=s.query_size, seed=seed, set_inputs=feats,
+                              set_images=s.channel_stats)
         return meta_train(stamp, sampler, num_steps=s.meta_steps, tasks_per_step=s.tasks_per_step,
                           learning_rate=s.meta_learning_rate, workdir=directory, seed=seed,
                           checkpoint_every=s.checkpoint_every, settings=settings)[0]
@@ -246,16 +262,30 @@ def deploy_stamp(target: TargetSide, stamp: Stamp, meta_params, s, recipe: Recip
     gives E[pi] and the hard mask (the `stamp` section `s`: mask mode, budget), the
     network is shrunk and fine-tuned with `recipe`. Returns STAMP's widths."""
     exp, variables = target.exp, target.variables
+
+    def masks_for(seed):
+        set_x, set_y = D.sample_set(*exp.train, s.set_size, seed)
+        set_in = _features(exp, variables, set_x, s.feature_convs) if s.instance == "pretrained" else set_x
+        return D.stamp_masks(stamp, meta_params, set_in, set_y, mode=s.mask_mode, threshold=s.threshold,
+                             budget=s.budget, metric=s.budget_metric, multiple=multiple,
+                             set_images=set_x if s.channel_stats else None)
+
     start = time.time()
-    set_x, set_y = D.sample_set(*exp.train, s.set_size, target.seed)
-    set_in = _features(exp, variables, set_x, s.feature_convs) if s.instance == "pretrained" else set_x
-    group_masks, probs = D.stamp_masks(stamp, meta_params, set_in, set_y, mode=s.mask_mode, threshold=s.threshold,
-                                       budget=s.budget, metric=s.budget_metric, multiple=multiple)
+    group_masks, probs = masks_for(target.seed)
     net_vars = {**variables, "params": meta_params.get("net", variables["params"])}
     masks = target.layout.layer_masks(group_masks, variables.get("masks"))
     mask_time = time.time() - start
-    return target.deploy("stamp", net_vars, masks, recipe, start, base_time, mask_time_s=mask_time,
-                         keep_prob_mean=[float(p.mean()) for p in probs])
+    # diagnostics, left out of STAMP's target time: the same on other target sets
+    diagnostics_start = time.time()
+    sets = [masks_for(target.seed + 1 + i) for i in range(s.diagnostic_sets)]
+    variation = D.keep_prob_variation([probs] + [p for _, p in sets], [group_masks] + [m for m, _ in sets])
+    logging.info("stamp: E[pi] varies %.4f across %d target sets, %.4f across channels; masks agree %.3f",
+                 variation["across_sets"], variation["sets"], variation["across_channels"],
+                 variation["mask_agreement"])
+    start += time.time() - diagnostics_start
+    return target.deploy("stamp", net_vars, masks, recipe, start, base_time,
+                         mask_time_s=mask_time, keep_prob_mean=[float(p.mean()) for p in probs],
+                         keep_prob_undecided=D.undecided_share(probs), keep_prob_variation=variation)
 
 
 def criterion_baselines(target: TargetSide, methods, counts, recipe: Recipe, scratch_recipe: Recipe,
@@ -295,6 +325,7 @@ def run_baselines(target: TargetSide, s, recipe: Recipe, stamp_widths, multiple:
                   pretrain_time: float) -> None:
     """Stage 4: the baselines of `stamp.methods`, at STAMP's size: the uniform widths of
     its `budget_metric` fraction (`baseline_widths` uniform) or its widths (stamp);
+    `random_stamp_widths` always at STAMP's widths;
     fine-tuned with `recipe` (trained from scratch: at `scratch_learning_rate`)."""
     methods = [m for m in s.methods if m != "stamp"]
     fraction = target.results["stamp"][f"{s.budget_metric}_pct"] / 100
@@ -302,6 +333,10 @@ def run_baselines(target: TargetSide, s, recipe: Recipe, stamp_widths, multiple:
               else D.uniform_counts_for(target.layout, fraction, s.budget_metric, multiple))
     scratch_recipe = recipe.replace(learning_rate=s.scratch_learning_rate)
     criterion_baselines(target, methods, counts, recipe, scratch_recipe, s.snip_batch, pretrain_time)
+    if "random_stamp_widths" in methods:  # random channels inside STAMP's widths: its channel choice, isolated
+        start = time.time()
+        masks = D.criterion_masks(target.layout, target.variables, "random", list(stamp_widths), seed=target.seed)
+        target.deploy("random_stamp_widths", target.variables, masks, recipe, start, pretrain_time)
     if "bbdropout" in methods:
         start, layout = time.time(), target.layout
         probs, variables = D.train_bbdropout(target.exp, layout, target.variables,
@@ -357,11 +392,12 @@ def run(config, workdir: str) -> dict:
     ref_exp, tgt_exp = load_experiments(config)
     layout = GroupLayout(ref_exp.table, tuple(C.prunable_groups(ref_exp.table, s.scope)))
     check_budget(layout, s.budget, s.budget_metric, multiple)
+    keep_counts = selection_counts(s, layout, multiple)
     recipe = Recipe.from_config(config)
     variables, pretrain_time, ref_accuracy = pretrain_reference(
         ref_exp, recipe, s.pretrained or os.path.join(workdir, "pretrain"), train=not s.pretrained)
     stamp, meta_state, meta_time = meta_train_stamp(s, layout, ref_exp, variables, meta_dir, config.seed,
-                                                    meta_settings(config))
+                                                    meta_settings(config), keep_counts)
     target = TargetSide(tgt_exp, layout, variables, workdir, config.seed, recipe.eval_batch_size)
     ft = recipe.replace(num_epochs=s.finetune_epochs, learning_rate=s.finetune_learning_rate)
     stamp_widths = deploy_stamp(target, stamp, meta_state.params, s, ft, multiple, pretrain_time + meta_time)

@@ -37,6 +37,7 @@ from flax import struct
 
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError, NonFiniteError
+from jaxcompress.stamp import channel_stats as CS
 from jaxcompress.stamp import kumaraswamy as K
 from jaxcompress.stamp.encoder import SetEncoder
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective
@@ -76,6 +77,8 @@ class Stamp:
     algorithm: str = "fomaml"
     reptile_lr: float = 0.01
     meta_weights: bool = False
+    channel_stats: bool = False  # the generator reads per-channel statistics of the set's images
+    keep_counts: tuple[int, ...] | None = None  # per prunable group: straight-through top-k gates
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -89,28 +92,46 @@ class Stamp:
     def _inputs(self, x):
         return normalize(x, self.mean, self.std) if x.dtype == jnp.uint8 else x
 
-    def init(self, rng, set_x, set_y) -> dict:
-        """Meta-parameters from one example set (set_x: (N, D) features or uint8 images)."""
+    def init(self, rng, set_x, set_y, set_images=None) -> dict:
+        """Meta-parameters from one example set (set_x: (N, D) features or uint8 images;
+        `set_images`: the set's uint8 images, needed with `channel_stats`)."""
         k_enc, k_gen = jax.random.split(rng)
         enc = self.encoder.init(k_enc, self._inputs(jnp.asarray(set_x)), jnp.asarray(set_y))
         z = self.encoder.apply(enc, self._inputs(jnp.asarray(set_x)), jnp.asarray(set_y))
-        params = {"encoder": enc, "generator": self.generator.init(k_gen, z)}
+        params = {"encoder": enc}
         if self.meta_weights:
             params["net"] = self.net_variables["params"]
+        stats = self.set_statistics(params, set_images, jnp.asarray(set_y))
+        params["generator"] = self.generator.init(k_gen, z, stats)
         return params
 
-    def kumaraswamy_params(self, meta_params, set_x, set_y):
-        z = self.encoder.apply(meta_params["encoder"], self._inputs(set_x), set_y)
-        return self.generator.apply(meta_params["generator"], z)
+    def set_statistics(self, meta_params, set_images, set_y):
+        """Standardised per-channel statistics of the set's images through the (meta-learned
+        or pretrained) network, per prunable group; None without `channel_stats`."""
+        if not self.channel_stats:
+            return None
+        if set_images is None:
+            raise ValueError("this Stamp reads per-channel statistics (channel_stats=True): pass the set's images")
+        net = {**self.net_variables, "params": meta_params.get("net", self.net_variables["params"])}
+        return CS.standardized(CS.channel_statistics(self.layout, net, self._inputs(jnp.asarray(set_images)), set_y))
 
-    def keep_probabilities(self, meta_params, set_x, set_y) -> list[jax.Array]:
+    def kumaraswamy_params(self, meta_params, set_x, set_y, set_images=None):
+        z = self.encoder.apply(meta_params["encoder"], self._inputs(set_x), set_y)
+        return self.generator.apply(meta_params["generator"], z, self.set_statistics(meta_params, set_images, set_y))
+
+    def keep_probabilities(self, meta_params, set_x, set_y, set_images=None) -> list[jax.Array]:
         """Test-time E[pi] per prunable group for a set (one forward pass)."""
-        a, b = self.kumaraswamy_params(meta_params, set_x, set_y)
+        a, b = self.kumaraswamy_params(meta_params, set_x, set_y, set_images)
         return [K.kumaraswamy_mean(ai, bi) for ai, bi in zip(a, b)]
 
     def sample_masks(self, rng, a_list, b_list) -> dict:
+        """Layer masks of relaxed Bernoulli gates; with `keep_counts`, each group's gates
+        become a straight-through top-k: exactly its count of ones forward (the highest
+        sampled gates), the relaxed gates' gradient backward."""
         keys = jax.random.split(rng, len(a_list))
         gates = [K.sample_gates(k, a, b, self.temperature) for k, a, b in zip(keys, a_list, b_list)]
+        if self.keep_counts is not None:
+            gates = [straight_through_top_k(g, k) for g, k in zip(gates, self.keep_counts)]
         return self.layout.layer_masks(gates, self.net_variables.get("masks"))
 
     def apply_net(self, params, batch_stats, masks, x, train: bool):
@@ -141,7 +162,7 @@ class Stamp:
     # ---- per-task objectives ------------------------------------------------------
     def task_loss(self, meta_params, task, rng):
         """Post-adaptation query loss + sparsity terms for one task (FOMAML / MAML)."""
-        a, b = self.kumaraswamy_params(meta_params, task["set_x"], task["set_y"])
+        a, b = self.kumaraswamy_params(meta_params, task["set_x"], task["set_y"], task.get("set_images"))
         masks = self.sample_masks(rng, a, b)
         p0 = meta_params.get("net", self.net_variables["params"])
         s0 = self.net_variables.get("batch_stats", {})
@@ -170,7 +191,8 @@ class Stamp:
             key, sub = jax.random.split(key)
 
             def loss_fn(phi, w):
-                a, b = self.kumaraswamy_params(phi, task["set_x"], task["set_y"])
+                a, b = self.kumaraswamy_params({**phi, "net": w0}, task["set_x"], task["set_y"],
+                                               task.get("set_images"))
                 logits, s2 = self.apply_net(w, s, self.sample_masks(sub, a, b), self._inputs(x), train=True)
                 ce = cross_entropy(logits, y).mean()
                 return ce + self.objective(self.layout, a, b)[0], (ce, s2)
@@ -181,7 +203,7 @@ class Stamp:
             return (phi, w, s2, key), ce
 
         (phik, wk, sk, _), inner = jax.lax.scan(step, (phi0, w0, s0, rng), (task["inner_x"], task["inner_y"]))
-        a, b = self.kumaraswamy_params(phik, task["set_x"], task["set_y"])
+        a, b = self.kumaraswamy_params({**phik, "net": w0}, task["set_x"], task["set_y"], task.get("set_images"))
         logits, _ = self.apply_net(wk, sk, self.sample_masks(rng, a, b), self._inputs(task["query_x"]), True)
         query = cross_entropy(logits, task["query_y"]).mean()
         _, info = self.objective(self.layout, a, b)
@@ -193,9 +215,9 @@ class Stamp:
                                inner_last=inner[-1], **info)
 
     # ---- the outer step -----------------------------------------------------------
-    def create_state(self, rng, set_x, set_y, tx) -> MetaState:
+    def create_state(self, rng, set_x, set_y, tx, set_images=None) -> MetaState:
         k_init, k_state = jax.random.split(rng)
-        params = self.init(k_init, set_x, set_y)
+        params = self.init(k_init, set_x, set_y, set_images)
         return MetaState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                          rng=k_state, tx=tx)
 
@@ -221,6 +243,13 @@ class Stamp:
         return self.task_loss(meta_params, task, rng)[1]["query_loss"]
 
 
+def straight_through_top_k(gates: jax.Array, k: int) -> jax.Array:
+    """Exactly `k` ones at the `k` largest `gates` (ties: lower index) in the forward pass,
+    d/d gates = identity in the backward pass."""
+    hard = jnp.zeros_like(gates).at[jax.lax.top_k(gates, k)[1]].set(1.0)
+    return hard + (gates - jax.lax.stop_gradient(gates))  # exactly 0 or 1 forward
+
+
 class TaskSampler:
     """Random tasks from a labelled reference set: a class subset (relabelled in random
     order) and subsamples for the set encoder, the K inner batches and the query.
@@ -231,7 +260,7 @@ class TaskSampler:
     """
 
     def __init__(self, x, y, *, ways: tuple[int, int], set_size: int, inner_steps: int, inner_batch: int,
-                 query_size: int, seed: int = 0, set_inputs=None):
+                 query_size: int, seed: int = 0, set_inputs=None, set_images: bool = False):
         self.x, self.y = x, np.asarray(y)
         self.set_inputs = x if set_inputs is None else set_inputs
         self.classes = np.unique(self.y)
@@ -242,6 +271,7 @@ class TaskSampler:
             raise ConfigError(f"stamp.task_ways={ways} must lie within 1..{len(self.classes)} reference classes")
         self.ways, self.set_size, self.inner_steps = (lo, hi), set_size, inner_steps
         self.inner_batch, self.query_size, self.seed = inner_batch, query_size, seed
+        self.set_images = set_images
         self.by_class = {int(c): np.flatnonzero(self.y == c) for c in self.classes}
 
     def _task(self, rng):
@@ -256,10 +286,13 @@ class TaskSampler:
         set_idx = rng.choice(pool, self.set_size, replace=self.set_size > len(pool))
         inner, query = drawn[:n_train], drawn[n_train:]
         shape = (self.inner_steps, self.inner_batch)
-        return dict(set_x=self.set_inputs[set_idx], set_y=relabel[self.y[set_idx]],
+        task = dict(set_x=self.set_inputs[set_idx], set_y=relabel[self.y[set_idx]],
                     inner_x=self.x[inner].reshape(shape + self.x.shape[1:]),
                     inner_y=relabel[self.y[inner]].reshape(shape),
                     query_x=self.x[query], query_y=relabel[self.y[query]])
+        if self.set_images:  # for the per-channel statistics (`Stamp.channel_stats`)
+            task["set_images"] = self.x[set_idx]
+        return task
 
     def sample(self, step: int, num_tasks: int) -> dict:
         rng = np.random.default_rng([self.seed, int(step)])
@@ -288,7 +321,8 @@ def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_
     """
     tx = optax.adam(learning_rate)
     probe = sampler.sample(0, 1)
-    state = stamp.create_state(jax.random.key(seed), probe["set_x"][0], probe["set_y"][0], tx)
+    state = stamp.create_state(jax.random.key(seed), probe["set_x"][0], probe["set_y"][0], tx,
+                               probe["set_images"][0] if "set_images" in probe else None)
     with Checkpointer(os.path.join(workdir, META_CHECKPOINTS), max_to_keep=2) as ckpt:
         state, start = _meta_train_steps(stamp, sampler, state, ckpt, num_steps, tasks_per_step, workdir,
                                          checkpoint_every, log_every, dict(settings or {}))
