@@ -275,6 +275,9 @@ SCHEMA = Section(
         # reference classes
         inner_steps=Int(5, lo=0, hi=10 ** 4), inner_batch=Int(32, lo=1), inner_lr=rate(0.01),
         query_size=Int(64, lo=1), reptile_lr=rate(0.01), meta_weights=Bool(False),
+        meta_val_size=Int(0, lo=0, note="0: no validation, the last meta-checkpoint is deployed"),  # reference
+        # training examples held out of meta-training; tasks on them pick the meta-checkpoint deployed
+        meta_val_tasks=Int(16, lo=1, hi=4096),
         checkpoint_every=steps(50),
         methods=Tuple(STAMP_METHODS, of=Choice(None, STAMP_METHODS), min_len=1, distinct=True),
         baseline_widths=Choice("uniform", ("uniform", "stamp")),  # uniform: each criterion at a uniform ratio

@@ -78,12 +78,14 @@ SCRIPT = textwrap.dedent('''
     t = c.stamp
     t.reference_classes, t.target.classes = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
     t.val_size, t.set_size, t.snip_batch = 64, 40, 64
-    t.meta_steps, t.tasks_per_step, t.checkpoint_every = 2, 2, 2
+    t.meta_steps, t.tasks_per_step, t.checkpoint_every = 2, 8, 2  # 8 tasks: one per device
     t.inner_steps, t.inner_batch, t.query_size = 2, 16, 32
+    t.selection, t.channel_stats, t.meta_val_size, t.meta_val_tasks = "per_layer", True, 50, 8
     t.finetune_epochs, t.methods = 1, ("stamp",)
     s = jobs.run(c, os.path.join(root, "stamp"))
     lap("stamp")
     out["stamp"] = {name: r["accuracy"] for name, r in s["methods"].items()}
+    out["stamp_meta"] = s["meta"]
     print("RESULT " + json.dumps({**out, "seconds": seconds}))
 ''')
 
@@ -128,3 +130,5 @@ def test_search_on_eight_devices(results):
 def test_stamp_on_eight_devices(results):
     r = results["stamp"]
     assert set(r) == {"stamp"} and 0.0 <= r["stamp"] <= 1.0
+    meta = results["stamp_meta"]  # the meta step's tasks split over the 8 devices; validation picked a step
+    assert meta["task_devices"] == 8 and meta["best_step"] in (2,) and 0.0 <= meta["val_accuracy"] <= 1.0

@@ -148,3 +148,24 @@ def test_no_target_class_is_seen_in_meta_training():
                        (tgt.train[0], c.stamp.target.classes)):
         seen = set().union(*(label_of[hashlib.sha1(img.tobytes()).hexdigest()] for img in x))
         assert seen == set(classes)
+
+
+def test_meta_validation_deploys_the_best_checkpoint(tmp_path):
+    """Meta-training with held-out validation tasks returns the meta-parameters of the
+    checkpoint that scored best on them (scores recomputed here)."""
+    from jaxcompress.stamp.meta import BEST_CHECKPOINT, meta_train
+    from jaxcompress.train.metrics import read_metrics
+    stamp, sampler, _ = _tiny_problem("fomaml")
+    held_out = sampler.sample(10 ** 6, 4)  # tasks no meta step draws
+    kwargs = dict(tasks_per_step=2, learning_rate=0.05, workdir=str(tmp_path), seed=0, checkpoint_every=1,
+                  log_every=1, validation_tasks=held_out)
+    state, info = meta_train(stamp, sampler, num_steps=3, **kwargs)
+    scores = {r["step"]: r["val_query_accuracy"] for r in read_metrics(str(tmp_path)) if "val_query_accuracy" in r}
+    assert sorted(scores) == [1, 2, 3]
+    best = max(scores, key=lambda k: (scores[k], -k))  # the first step reaching the best score
+    assert info["best_step"] == best and info["val_accuracy"] == pytest.approx(scores[best])
+    keys = jax.random.split(jax.random.key(0), 4)
+    score = jax.jit(lambda p: jax.vmap(stamp.task_loss, in_axes=(None, 0, 0))(
+        p, jax.tree.map(jnp.asarray, held_out), keys)[1]["query_accuracy"].mean())
+    assert float(score(state.params)) == pytest.approx(scores[best])  # the returned params are that checkpoint's
+    assert (tmp_path / BEST_CHECKPOINT / str(best)).is_dir()

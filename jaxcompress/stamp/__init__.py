@@ -14,7 +14,7 @@ from jaxcompress.stamp.kumaraswamy import (kl_kumaraswamy_beta, kumaraswamy_mean
 from jaxcompress.stamp.channel_stats import channel_statistics
 from jaxcompress.stamp.meta import MetaState, Stamp, TaskSampler, meta_train, straight_through_top_k
 
-__all__ = ["channel_statistics", "straight_through_top_k", "PMA", "ConvStem", "SetEncoder", "pretrained_features", "FreeGates", "GroupLayout", "MaskGenerator",
+__all__ = ["PMA", "ConvStem", "SetEncoder", "pretrained_features", "FreeGates", "GroupLayout", "MaskGenerator",
            "SparsityObjective", "check_budget", "hard_group_masks", "kl_kumaraswamy_beta", "kumaraswamy_mean",
            "kumaraswamy_moment", "kumaraswamy_sample", "relaxed_bernoulli", "sample_gates", "MetaState", "Stamp",
-           "TaskSampler", "meta_train"]
+           "TaskSampler", "meta_train", "straight_through_top_k", "channel_statistics"]

@@ -152,7 +152,7 @@ def sparsity_objective(s, num_examples: int) -> SparsityObjective:
 META_SETTINGS = ("data.name", "data.image_size", "data.channels", "model.name", "model.width_multiplier",
                  "stamp.reference_classes", "stamp.head_classes", "stamp.scope", "stamp.instance",
                  "stamp.feature_convs", "stamp.pooling", "stamp.embed_dim", "stamp.num_heads", "stamp.meta_weights",
-                 "stamp.channel_stats", "stamp.selection")
+                 "stamp.channel_stats", "stamp.selection", "stamp.meta_val_size")
 
 
 def meta_settings(config) -> dict:
@@ -186,11 +186,12 @@ def selection_counts(s, layout: GroupLayout, multiple: int | None) -> tuple[int,
 
 
 def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, directory: str, seed: int,
-                     settings: dict, keep_counts: tuple[int, ...] | None = None) -> tuple[Stamp, MetaState, float]:
+                     settings: dict, keep_counts: tuple[int, ...] | None = None
+                     ) -> tuple[Stamp, MetaState, float, dict]:
     """Stage 2: the set encoder and mask generator (the `stamp` section `s`) meta-trained
     on tasks of the reference experiment `exp` into `directory` (resumable), with
     straight-through top-`keep_counts` gates when given (`selection_counts`). Returns
-    (the Stamp, its meta-trained state, the stage's wall time)."""
+    (the Stamp, its meta-trained state, the stage's wall time, `meta_train`'s info)."""
     stamp = Stamp(layout=layout, net_variables=variables, mean=exp.mean, std=exp.std,
                   objective=sparsity_objective(s, len(exp.train[0])),
                   encoder=SetEncoder(dim=s.embed_dim, num_labels=exp.model.num_classes, pooling=s.pooling,
@@ -201,18 +202,26 @@ def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, d
                   algorithm=s.algorithm, reptile_lr=s.reptile_lr, meta_weights=s.meta_weights,
                   channel_stats=s.channel_stats, keep_counts=keep_counts)
 
-    def metatrain():
-        feats = _features(exp, variables, exp.train[0], s.feature_convs) if s.instance == "pretrained" else None
+    def sampler(x, y, sampler_seed):
+        feats = _features(exp, variables, x, s.feature_convs) if s.instance == "pretrained" else None
         ways = tuple(s.task_ways) if s.task_ways else (exp.num_classes, exp.num_classes)
-        sampler = TaskSampler(*exp.train, ways=ways, set_size=s.set_size, inner_steps=s.inner_steps,
-                              inner_batch=s.inner_batch, query_size=s.query_size, seed=seed, set_inputs=feats,
-                              set_images=s.channel_stats)
-        return meta_train(stamp, sampler, num_steps=s.meta_steps, tasks_per_step=s.tasks_per_step,
-                          learning_rate=s.meta_learning_rate, workdir=directory, seed=seed,
-                          checkpoint_every=s.checkpoint_every, settings=settings)[0]
+        return TaskSampler(x, y, ways=ways, set_size=s.set_size, inner_steps=s.inner_steps, inner_batch=s.inner_batch,
+                           query_size=s.query_size, seed=sampler_seed, set_inputs=feats, set_images=s.channel_stats)
 
-    meta_state, seconds = _stage_time(os.path.join(directory, "stage_time.json"), metatrain)
-    return stamp, meta_state, seconds
+    def metatrain():
+        train, validation_tasks = exp.train, None
+        if s.meta_val_size:  # reference examples the meta-learner never trains on: its validation tasks
+            train, held_out = split_validation(*exp.train, s.meta_val_size, seed=seed)
+            validation_tasks = sampler(*held_out, seed + 1).sample(0, s.meta_val_tasks)
+        return meta_train(stamp, sampler(*train, seed), num_steps=s.meta_steps, tasks_per_step=s.tasks_per_step,
+                          learning_rate=s.meta_learning_rate, workdir=directory, seed=seed,
+                          checkpoint_every=s.checkpoint_every, settings=settings, validation_tasks=validation_tasks,
+                          mesh=exp.mesh)
+
+    (meta_state, info), seconds = _stage_time(os.path.join(directory, "stage_time.json"), metatrain)
+    info = {k: v for k, v in info.items() if k != "meta_train_time_s"}
+    logging.info("stamp: meta-training %s", info)
+    return stamp, meta_state, seconds, info
 
 
 class TargetSide:
@@ -352,7 +361,7 @@ def run_baselines(target: TargetSide, s, recipe: Recipe, stamp_widths, multiple:
 
 
 def stamp_summary(config, ref_exp: Experiment, target: TargetSide, *, ref_accuracy: float, pretrain_time: float,
-                  meta_time: float, stamp_widths, wall_start: float) -> dict:
+                  meta_time: float, stamp_widths, wall_start: float, meta_info: dict | None = None) -> dict:
     """Stage 5: summary.json's content (per method accuracy, sizes, times; the time
     ratios to STAMP's accuracy) and `accuracy_vs_time.png`."""
     from jaxcompress.stamp.report import plot_accuracy_vs_time
@@ -368,7 +377,7 @@ def stamp_summary(config, ref_exp: Experiment, target: TargetSide, *, ref_accura
                    target=dict(dataset=target_name, classes=list(t.classes),
                                train_examples=len(target.exp.train[0]), num_classes=target.exp.num_classes),
                    budget=s.budget, budget_metric=s.budget_metric, algorithm=s.algorithm, pooling=s.pooling,
-                   meta_steps=s.meta_steps, finetune_epochs=s.finetune_epochs,
+                   meta_steps=s.meta_steps, meta=meta_info or {}, finetune_epochs=s.finetune_epochs,
                    pretrain_time_s=pretrain_time, meta_train_time_s=meta_time, methods=results,
                    params_dense=float(target.dense_cost["params"]), flops_dense=float(target.dense_cost["flops"]),
                    groups=[ref_exp.table.group_names[g] for g in target.layout.groups],
@@ -396,13 +405,14 @@ def run(config, workdir: str) -> dict:
     recipe = Recipe.from_config(config)
     variables, pretrain_time, ref_accuracy = pretrain_reference(
         ref_exp, recipe, s.pretrained or os.path.join(workdir, "pretrain"), train=not s.pretrained)
-    stamp, meta_state, meta_time = meta_train_stamp(s, layout, ref_exp, variables, meta_dir, config.seed,
+    stamp, meta_state, meta_time, meta_info = meta_train_stamp(s, layout, ref_exp, variables, meta_dir, config.seed,
                                                     meta_settings(config), keep_counts)
     target = TargetSide(tgt_exp, layout, variables, workdir, config.seed, recipe.eval_batch_size)
     ft = recipe.replace(num_epochs=s.finetune_epochs, learning_rate=s.finetune_learning_rate)
     stamp_widths = deploy_stamp(target, stamp, meta_state.params, s, ft, multiple, pretrain_time + meta_time)
     run_baselines(target, s, ft, stamp_widths, multiple, pretrain_time)
     summary = stamp_summary(config, ref_exp, target, ref_accuracy=ref_accuracy, pretrain_time=pretrain_time,
-                            meta_time=meta_time, stamp_widths=stamp_widths, wall_start=wall_start)
+                            meta_time=meta_time, stamp_widths=stamp_widths, wall_start=wall_start,
+                            meta_info=meta_info)
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -43,7 +43,7 @@ from jaxcompress.stamp.encoder import SetEncoder
 from jaxcompress.stamp.generator import GroupLayout, MaskGenerator, SparsityObjective
 from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.metrics import MetricWriter
-from jaxcompress.train.steps import all_finite, cross_entropy
+from jaxcompress.train.steps import all_finite, batch_sharded, cross_entropy, replicated, replicated_copy
 
 ALGORITHMS = ("fomaml", "maml", "reptile")
 
@@ -307,12 +307,51 @@ def _tree(state: MetaState) -> dict:
 META_CHECKPOINTS = "checkpoints"  # meta-training's checkpoints, under its workdir
 
 
+BEST_CHECKPOINT = "best"  # the meta-parameters that scored best on the validation tasks, under its workdir
+
+
+class MetaValidation:
+    """Held-out validation tasks (a dict of stacked tasks, `TaskSampler.sample`) that pick
+    the meta-checkpoint deployed: at every checkpoint the meta-parameters' mean
+    post-adaptation query accuracy on them (fixed gate samples) is computed, and the best
+    so far is kept in `directory` (resumable: its score is read back)."""
+
+    def __init__(self, stamp: Stamp, tasks: dict, directory: str, seed: int = 0):
+        keys = jax.random.split(jax.random.key(seed), len(tasks["query_y"]))
+        tasks = jax.tree.map(jnp.asarray, tasks)
+        self._score = jax.jit(lambda p: jax.vmap(stamp.task_loss, in_axes=(None, 0, 0))(
+            p, tasks, keys)[1]["query_accuracy"].mean())
+        self.ckpt = Checkpointer(directory, max_to_keep=1)
+        self.best = self.ckpt.read_meta()["val_accuracy"] if self.ckpt.latest_step() is not None else -np.inf
+
+    def update(self, step: int, params, settings: dict) -> float:
+        """Scores `params` (meta step `step`); keeps them if they are the best so far."""
+        score = float(self._score(params))
+        if score > self.best:
+            self.ckpt.save_tree(step, {"params": params}, {"val_accuracy": score, "settings": settings})
+            self.best = score
+        return score
+
+    def best_params(self, template):
+        """The best meta-parameters kept, in the structure of `template`."""
+        return self.ckpt.restore_tree({"params": template})[0]["params"]
+
+    def close(self):
+        self.ckpt.close()
+
+
 def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_step: int, learning_rate: float,
                workdir: str, seed: int = 0, checkpoint_every: int = 50, log_every: int = 10,
-               settings: dict | None = None) -> tuple[MetaState, dict]:
+               settings: dict | None = None, validation_tasks: dict | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[MetaState, dict]:
     """Runs (or resumes) meta-training into `workdir`; returns the final state and timing.
     Each checkpoint (checksummed, `jaxcompress.train.Checkpointer`) records `settings`
     (JSON: what shaped the meta-parameters), which a later run checks before any work.
+    With `validation_tasks` (`MetaValidation`), the returned state's params are the
+    checkpoint that scored best on them (kept in `<workdir>/best`), and the timing dict
+    gives its step and score. On a `mesh` whose size divides `tasks_per_step`, each meta
+    step's tasks are split over its devices (`task_devices` in the timing dict; the
+    meta-parameters replicated, their gradient all-reduced by XLA).
 
     The logged metrics are summed on device and read every `log_every` steps. A NaN or
     inf loss, metric or meta-parameter stops meta-training with a `NonFiniteError` naming
@@ -323,10 +362,23 @@ def meta_train(stamp: Stamp, sampler: TaskSampler, *, num_steps: int, tasks_per_
     probe = sampler.sample(0, 1)
     state = stamp.create_state(jax.random.key(seed), probe["set_x"][0], probe["set_y"][0], tx,
                                probe["set_images"][0] if "set_images" in probe else None)
-    with Checkpointer(os.path.join(workdir, META_CHECKPOINTS), max_to_keep=2) as ckpt:
-        state, start = _meta_train_steps(stamp, sampler, state, ckpt, num_steps, tasks_per_step, workdir,
-                                         checkpoint_every, log_every, dict(settings or {}))
-    return state, {"meta_train_time_s": time.time() - start}
+    validation = (MetaValidation(stamp, validation_tasks, os.path.join(workdir, BEST_CHECKPOINT), seed)
+                  if validation_tasks is not None else None)
+    try:
+        with Checkpointer(os.path.join(workdir, META_CHECKPOINTS), max_to_keep=2) as ckpt:
+            state, start, devices = _meta_train_steps(stamp, sampler, state, ckpt, num_steps, tasks_per_step,
+                                                      workdir, checkpoint_every, log_every, dict(settings or {}),
+                                                      validation, mesh)
+        info = {"meta_train_time_s": time.time() - start, "task_devices": devices}
+        if validation is not None and validation.ckpt.latest_step() is not None:
+            state = state.replace(params=validation.best_params(state.params))
+            info.update(best_step=int(validation.ckpt.latest_step()), val_accuracy=validation.best)
+            logging.info("stamp: meta-checkpoint of step %d deployed (validation query accuracy %.4f)",
+                         info["best_step"], validation.best)
+    finally:
+        if validation is not None:
+            validation.close()
+    return state, info
 
 
 def _checked_meta_step(stamp: Stamp):
@@ -341,12 +393,21 @@ def _checked_meta_step(stamp: Stamp):
 
 
 def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, tasks_per_step, workdir,
-                      checkpoint_every, log_every, settings: dict):
+                      checkpoint_every, log_every, settings: dict, validation: MetaValidation | None = None,
+                      mesh: jax.sharding.Mesh | None = None):
+    if mesh is not None:
+        state = replicated_copy(state, mesh)
     if ckpt.latest_step() is not None:
         restored, _ = ckpt.restore_tree(_tree(state))
         state = state.replace(**restored)
         logging.info("stamp: resumed meta-training at step %d", int(state.step))
-    step_fn = jax.jit(_checked_meta_step(stamp), donate_argnums=(0,))
+    devices = mesh.size if mesh is not None and tasks_per_step % mesh.size == 0 else 1
+    if devices > 1:  # tasks split over the devices, everything else replicated
+        rep = replicated(mesh)
+        step_fn = jax.jit(_checked_meta_step(stamp), in_shardings=(rep, batch_sharded(mesh), rep),
+                          out_shardings=(rep, rep, rep), donate_argnums=(0,))
+    else:
+        step_fn = jax.jit(_checked_meta_step(stamp), donate_argnums=(0,))
     writer = MetricWriter(workdir)
     step = int(state.step)
     last_saved = ckpt.latest_step()
@@ -378,6 +439,11 @@ def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, task
         if step % checkpoint_every == 0 or step == num_steps:
             check()
             ckpt.save_tree(step, _tree(state), {"settings": settings})
+            if validation is not None:
+                score = validation.update(step, state.params, settings)
+                writer.write(step, val_query_accuracy=score)
+                logging.info("stamp meta step %d: validation query accuracy %.4f (best %.4f)", step, score,
+                             validation.best)
             last_saved = step
     check()
-    return state, start
+    return state, start, devices
