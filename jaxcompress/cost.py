@@ -102,7 +102,7 @@ def summarize(table: ModelTable, masks: Mapping | None = None, quant: Mapping | 
         storage = table_layer_storage(table, layer, weights, cout, flat_masks, group_masks, flat_quant,
                                       quantizer, index_bits)
         n_bytes = float(storage.total)
-        positions = layer.out_hw[0] * layer.out_hw[1]
+        positions = layer.out_hw[0] * layer.out_hw[1] * layer.calls
         rows.append(dict(layer=layer.path, kind=layer.kind, weights=weights, nonzero_weights=nonzero,
                          biases=biases, macs=weights * positions, sparse_macs=nonzero * positions,
                          bits_w=bits_w, bytes=n_bytes, format=storage.format, entries=storage.entries,

@@ -42,16 +42,18 @@ def default_cache_path() -> str:
     return os.path.join(root, "latency_table.json")
 
 
+def layer_key(layer, widths: Sequence[int], batch: int) -> tuple:
+    """Hashable shape key of one conv/dense layer (a `LayerInfo`) at these widths."""
+    cin = int(widths[layer.in_group]) * layer.in_repeat if layer.in_group >= 0 else layer.in_fixed
+    cout = int(widths[layer.out_group]) if layer.out_group >= 0 else layer.out_fixed
+    in_hw = (layer.out_hw[0] * layer.strides[0], layer.out_hw[1] * layer.strides[1])
+    return (layer.kind, batch, in_hw, cin, cout, layer.kernel_size, layer.strides, bool(layer.depthwise))
+
+
 def layer_shapes(table: ModelTable, widths: Sequence[int], batch: int) -> list[tuple]:
-    """Hashable shape key of every conv/dense layer at these widths."""
-    keys = []
-    for layer in table.layers:
-        cin = int(widths[layer.in_group]) * layer.in_repeat if layer.in_group >= 0 else layer.in_fixed
-        cout = int(widths[layer.out_group]) if layer.out_group >= 0 else layer.out_fixed
-        in_hw = (layer.out_hw[0] * layer.strides[0], layer.out_hw[1] * layer.strides[1])
-        keys.append((layer.kind, batch, in_hw, cin, cout, layer.kernel_size, layer.strides,
-                     bool(layer.depthwise)))
-    return keys
+    """`layer_key` of every conv/dense layer at these widths (a shared layer's once per
+    application)."""
+    return [layer_key(layer, widths, batch) for layer in table.layers for _ in range(layer.calls)]
 
 
 def _layer_fn(key):
@@ -263,7 +265,7 @@ class LatencyGrid:
             self.axes.append(c)
         self.layers = []
         keys_needed = []
-        for li, layer in enumerate(table.layers):
+        for layer in table.layers:
             ax_in = self.axes[layer.in_group] if layer.in_group >= 0 else np.asarray([0.0])
             ax_out = self.axes[layer.out_group] if layer.out_group >= 0 else np.asarray([0.0])
             grid_keys = [[None] * len(ax_out) for _ in ax_in]
@@ -274,12 +276,12 @@ class LatencyGrid:
                         w[layer.in_group] = int(ci)
                     if layer.out_group >= 0:
                         w[layer.out_group] = int(co)
-                    grid_keys[i][j] = layer_shapes(table, w, model.batch)[li]
+                    grid_keys[i][j] = layer_key(layer, w, model.batch)
                     keys_needed.append(grid_keys[i][j])
             self.layers.append((layer.in_group, layer.out_group, ax_in, ax_out, grid_keys))
         model.lut.measure(keys_needed)
-        self.values = [np.asarray([[model.lut.entries[repr(k)] for k in row] for row in keys], np.float64)
-                       for *_, keys in self.layers]
+        self.values = [layer.calls * np.asarray([[model.lut.entries[repr(k)] for k in row] for row in keys], np.float64)
+                       for layer, (*_, keys) in zip(table.layers, self.layers)]
 
     @staticmethod
     def _interp_index(axis: np.ndarray, x):

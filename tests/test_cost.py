@@ -6,6 +6,7 @@ which never run a forward pass.
 import functools
 
 import chex
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from absl.testing import parameterized
 
 from jaxcompress import cost
+from jaxcompress.layers import Conv, Dense
 from jaxcompress.models import create_model, describe
 from jaxcompress.models.vgg import CONFIGS, POOL
 
@@ -256,3 +258,35 @@ def test_summarize_resnet20_masks_match_count_of_effective_widths(zoo):
     norm = sum(2 * widths[g] for _, g in table.norm_groups)
     layer_sum = sum(r["weights"] + r["biases"] for r in s["layers"])
     assert s["totals"]["params"] == layer_sum + norm
+
+
+class _SharedConv(flax_nn.Module):
+    """A conv applied twice (weights shared): its MACs count twice, its weights once."""
+
+    widths: tuple = (8,)
+    resolutions: tuple = (8, 8)
+
+    @flax_nn.compact
+    def __call__(self, x, train=False):
+        shared = Conv(self.widths[0], (3, 3))
+        x = flax_nn.relu(Conv(self.widths[0], (3, 3))(x))
+        x = flax_nn.relu(shared(x))
+        if self.resolutions[1] != self.resolutions[0]:
+            x = x[:, ::2, ::2]
+        x = flax_nn.relu(shared(x))
+        return Dense(10)(x.mean((1, 2)))
+
+
+def test_a_shared_layer_counts_its_macs_per_application():
+    from jaxcompress.models.table import UnsupportedModelError
+    from jaxcompress.latency import layer_shapes
+    table = describe(_SharedConv(), (8, 8, 3))
+    for w in (8, 5):  # conv0 (3 -> w), shared (w -> w) twice, dense (w -> 10), all on 8x8
+        c = cost.count(table, (w,))
+        assert float(c["params"]) == (27 * w + w) + (9 * w * w + w) + (10 * w + 10)
+        assert float(c["macs"]) == 64 * 27 * w + 2 * 64 * 9 * w * w + 10 * w
+    assert float(cost.summarize(table)["totals"]["macs"]) == float(cost.count(table)["macs"])
+    keys = layer_shapes(table, (8,), 4)  # the latency model times the shared conv twice
+    assert len(keys) == 4 and keys[1] == keys[2]
+    with pytest.raises(UnsupportedModelError, match="applied more than once with different"):
+        describe(_SharedConv(resolutions=(8, 4)), (8, 8, 3))

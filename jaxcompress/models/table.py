@@ -122,6 +122,7 @@ class LayerInfo:
     use_bias: bool
     out_repeat: int = 1
     out_ndim: int = 1
+    calls: int = 1  # applications per forward pass (a shared layer): its weights count once, its MACs each time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +286,7 @@ class ModelTable:
             in_group=f("in_group"), in_repeat=f("in_repeat"), in_fixed=f("in_fixed"),
             out_group=f("out_group"), out_fixed=f("out_fixed"), out_repeat=f("out_repeat"),
             taps=np.asarray([l.kernel_size[0] * l.kernel_size[1] for l in self.layers], np.int64),
-            positions=np.asarray([l.out_hw[0] * l.out_hw[1] for l in self.layers], np.int64),
+            positions=np.asarray([l.out_hw[0] * l.out_hw[1] * l.calls for l in self.layers], np.int64),
             depthwise=f("depthwise", bool), use_bias=f("use_bias", bool),
             norm_group=np.asarray([g for _, g in self.norm_groups], dtype=np.int64).reshape(-1),
         )
@@ -590,8 +591,14 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTable:
             # scores q.k and the weighted sum of values: 2 x heads x head_dim x q_rows x kv_len MACs
             fixed = 2 * att.head_dim * att.q_rows * att.kv_len * (att.num_heads if att.heads_group < 0 else 1)
             extra_macs[path] = CostTerm(path, fixed, (att.heads_group,) if att.heads_group >= 0 else ())
-        if isinstance(mod, _WEIGHT_LAYERS) and method == "__call__" and path not in layers:
-            layers[path] = _weight_layer(mod, path, in_a, in_b, out_a, out_b, primes_a, primes_b, names)
+        if isinstance(mod, _WEIGHT_LAYERS) and method == "__call__":
+            info = _weight_layer(mod, path, in_a, in_b, out_a, out_b, primes_a, primes_b, names)
+            if path in layers:  # a shared layer applied again: the same geometry, its MACs once more
+                if dataclasses.replace(info, calls=layers[path].calls) != layers[path]:
+                    _refuse(path, "a layer applied more than once with different input or output shapes "
+                                  "(e.g. at two resolutions); apply it to one shape, or use two layers")
+                info = dataclasses.replace(info, calls=layers[path].calls + 1)
+            layers[path] = info
 
     axes = {}
     for col, flat in flat_vars.items():
