@@ -254,8 +254,8 @@ SCHEMA = Section(
         budget=fraction(0.3, lo_open=True),
         budget_metric=Choice("params", ("params", "flops")),  # params | flops fraction the deployed net must meet
         budget_weight=nonneg(5.0),
-        budget_penalty=Choice("target", ("target", "hinge")),  # target: |E[fraction] - budget| | hinge:
-        # relu(E - budget)
+        budget_penalty=Choice("target", ("target", "hinge", "counts")),  # target: |E[fraction] - budget| |
+        # hinge: relu(E - budget) | counts (selection=per_layer): each group's sum of E[pi] at its count
         kl_weight=nonneg(1.0), prior_alpha=rate(1e-4), a_init=Float(2.0), temperature=rate(0.1),
         selection=Choice("global", ("global", "per_layer")),  # global: widths from the global ranking of
         # E[pi] (mask_mode) | per_layer: each group keeps its uniform-widths count at the budget (the baselines'
@@ -366,6 +366,9 @@ RULES = (
     Rule("stamp.num_heads", "a divisor of stamp.embed_dim={stamp.embed_dim} (the attention heads split it)",
          lambda c: c.stamp.embed_dim % c.stamp.num_heads == 0, others=("stamp.embed_dim",),
          when=lambda c: c.stamp.pooling == "pma"),
+    Rule("stamp.budget_penalty", "target or hinge unless stamp.selection=per_layer (counts holds each group at "
+         "its per-layer count)", lambda c: c.stamp.budget_penalty != "counts" or c.stamp.selection == "per_layer",
+         others=("stamp.selection",)),
     Rule("stamp.task_ways", lambda c: f"a pair (fewest, most) with fewest <= most <= "
          f"{len(c.stamp.reference_classes)}, the number of stamp.reference_classes",
          lambda c: c.stamp.task_ways[0] <= c.stamp.task_ways[1] <= len(c.stamp.reference_classes),

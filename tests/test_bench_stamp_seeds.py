@@ -79,3 +79,6 @@ def test_seed_configs_keep_every_method_at_the_same_widths():
     assert seeds_config.get_config("full_global_mnist").bench.reuse == "workdirs/bench_stamp_seeds_full_global"
     with pytest.raises(ConfigError, match="unknown argument"):
         seeds_config.get_config("small_layers")
+    with pytest.raises(ConfigError, match="unknown argument"):
+        seeds_config.get_config("small_global_counts")
+    assert seeds_config.get_config("small_counts_mnist").stamp.budget_penalty == "counts"

@@ -169,3 +169,27 @@ def test_meta_validation_deploys_the_best_checkpoint(tmp_path):
         p, jax.tree.map(jnp.asarray, held_out), keys)[1]["query_accuracy"].mean())
     assert float(score(state.params)) == pytest.approx(scores[best])  # the returned params are that checkpoint's
     assert (tmp_path / BEST_CHECKPOINT / str(best)).is_dir()
+
+
+def test_counts_penalty_by_hand_and_refused_without_per_layer_selection():
+    from configs import default
+    from jaxcompress import schema
+    from jaxcompress.errors import ConfigError
+    from jaxcompress.stamp import SparsityObjective
+    from jaxcompress.stamp.kumaraswamy import kumaraswamy_mean
+    stamp, _, _ = _tiny_problem()
+    layout = stamp.layout  # widths (8, 12)
+    a = [jnp.full((8,), 2.0), jnp.full((12,), 0.5)]
+    b = [jnp.full((8,), 1.0), jnp.full((12,), 3.0)]
+    obj = SparsityObjective(kl_weight=0.0, budget_weight=2.0, penalty="counts", counts=(3, 5))
+    reg, _ = obj(layout, a, b)
+    e = [8 * float(kumaraswamy_mean(2.0, 1.0)), 12 * float(kumaraswamy_mean(0.5, 3.0))]
+    assert float(reg) == pytest.approx(2.0 * (abs(e[0] - 3) / 8 + abs(e[1] - 5) / 12) / 2, rel=1e-5)
+    with pytest.raises(ConfigError, match="selection=per_layer"):
+        SparsityObjective(penalty="counts")
+    c = default.get_config()
+    c.job, c.stamp.budget_penalty = "stamp", "counts"
+    with pytest.raises(ConfigError, match="stamp.budget_penalty.*stamp.selection"):
+        schema.validate(c)
+    c.stamp.selection = "per_layer"
+    schema.validate(c)

@@ -142,6 +142,9 @@ class SparsityObjective:
     the expected network far below the budget (to ~1% of the parameters in our CIFAR-10
     run), so the inner loop adapts a much smaller network than the one deployed.
     `"target"`: |.|, the expected network is held at the budget, the size deployed.
+    `"counts"` (with `counts`, the channels each group keeps under per-layer selection):
+    the mean over groups of |sum of E[pi] - count| / width, each group's expected
+    kept channels held at its count, so E[pi] cannot collapse to one value.
     """
 
     alpha: float = 1e-4
@@ -151,14 +154,23 @@ class SparsityObjective:
     budget_metric: str = "params"
     budget_weight: float = 5.0
     penalty: str = "target"
+    counts: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.penalty == "counts" and self.counts is None:
+            raise ConfigError("stamp.budget_penalty=counts holds each group at its per-layer count: set "
+                              "stamp.selection=per_layer")
 
     def __call__(self, layout: GroupLayout, a_list, b_list):
         kl = sum(K.kl_kumaraswamy_beta(a, b, self.alpha).sum() for a, b in zip(a_list, b_list))
         expected = [K.kumaraswamy_mean(a, b).sum() for a, b in zip(a_list, b_list)]
         frac = layout.cost_fraction(expected, self.budget_metric)
         gap = frac - self.budget
-        reg = self.kl_weight * kl / self.num_examples + self.budget_weight * (
-            jnp.abs(gap) if self.penalty == "target" else jax.nn.relu(gap))
+        if self.penalty == "counts":
+            penalty = sum(jnp.abs(e - k) / w for e, k, w in zip(expected, self.counts, layout.widths)) / len(expected)
+        else:
+            penalty = jnp.abs(gap) if self.penalty == "target" else jax.nn.relu(gap)
+        reg = self.kl_weight * kl / self.num_examples + self.budget_weight * penalty
         return reg, {"kl": kl, "expected_fraction": frac}
 
 

@@ -49,7 +49,7 @@ from jaxcompress.train.recipe import Recipe
 from jaxcompress.train.state import TrainState
 from jaxcompress.train.steps import make_mesh
 
-BUDGET_PENALTIES = ("target", "hinge")
+BUDGET_PENALTIES = ("target", "hinge", "counts")
 METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "random_stamp_widths", "bbdropout",
            "scratch")
 
@@ -139,12 +139,14 @@ def pretrain_reference(exp: Experiment, recipe: Recipe, directory: str, *, train
     return D.net_variables(state.variables()), seconds, accuracy
 
 
-def sparsity_objective(s, num_examples: int) -> SparsityObjective:
+def sparsity_objective(s, num_examples: int, counts: tuple[int, ...] | None = None,
+                       penalty: str | None = None) -> SparsityObjective:
     """The `stamp` section's sparsity regulariser over `num_examples` training examples:
-    STAMP's outer one (the reference set), BBDropout's (the target set)."""
+    STAMP's outer one (the reference set, per-layer `counts` under `selection=per_layer`),
+    BBDropout's (the target set, `penalty` overriding `budget_penalty`)."""
     return SparsityObjective(alpha=s.prior_alpha, kl_weight=s.kl_weight, num_examples=num_examples,
                              budget=s.budget, budget_metric=s.budget_metric, budget_weight=s.budget_weight,
-                             penalty=s.budget_penalty)
+                             penalty=penalty or s.budget_penalty, counts=counts)
 
 
 # the fields that shape STAMP's meta-parameters (and what they were trained on): a meta checkpoint
@@ -193,7 +195,7 @@ def meta_train_stamp(s, layout: GroupLayout, exp: Experiment, variables: dict, d
     straight-through top-`keep_counts` gates when given (`selection_counts`). Returns
     (the Stamp, its meta-trained state, the stage's wall time, `meta_train`'s info)."""
     stamp = Stamp(layout=layout, net_variables=variables, mean=exp.mean, std=exp.std,
-                  objective=sparsity_objective(s, len(exp.train[0])),
+                  objective=sparsity_objective(s, len(exp.train[0]), keep_counts),
                   encoder=SetEncoder(dim=s.embed_dim, num_labels=exp.model.num_classes, pooling=s.pooling,
                                      num_heads=s.num_heads),
                   generator=MaskGenerator(group_widths=layout.widths, hidden=s.embed_dim, a_init=s.a_init,
@@ -349,7 +351,8 @@ def run_baselines(target: TargetSide, s, recipe: Recipe, stamp_widths, multiple:
     if "bbdropout" in methods:
         start, layout = time.time(), target.layout
         probs, variables = D.train_bbdropout(target.exp, layout, target.variables,
-                                             sparsity_objective(s, len(target.exp.train[0])),
+                                             sparsity_objective(s, len(target.exp.train[0]), penalty=(
+                                                 "target" if s.budget_penalty == "counts" else None)),
                                              recipe.replace(num_epochs=s.bbdropout_epochs), temperature=s.temperature)
         masks = D.hard_group_masks(layout, probs, "budget", s.threshold, fraction, s.budget_metric, multiple)
         target.deploy("bbdropout", variables, layout.layer_masks(masks, target.variables.get("masks")), recipe,
