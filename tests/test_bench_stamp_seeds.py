@@ -53,7 +53,10 @@ def test_compare_targets_and_diagnosis_on_hand_made_runs():
     assert snip["accuracy"] == [0.78, 0.80, 0.81] and snip["accuracy_mean"] == pytest.approx(0.79666, abs=1e-4)
     assert snip["stamp_minus"]["mean"] == pytest.approx((0.02 + 0.02 + 0.03) / 3)
     assert cmp["methods"]["stamp"]["stamp_minus"] is None
-    t = {x["what"].split(",")[0]: x for x in stamp_seeds.targets(cmp)}
+    t = {x["what"].split(",")[0].split(" (")[0]: x for x in stamp_seeds.targets(cmp, 700.0, 600.0)}
+    assert t["wall time of the whole comparison"]["measured"] == "11.7 min" and not t[
+        "wall time of the whole comparison"]["met"]
+    assert len(stamp_seeds.targets(cmp, 700.0)) == 3  # no wall target: none reported
     assert t["STAMP - snip_pretrained"]["met"] is True
     # random: differences +0.01, -0.01, +0.02 -> +0.67 +- 0.88 points: below one se
     assert t["STAMP - random"]["met"] is False and t["STAMP - random"]["measured"] == "+0.67 +- 0.88 points"

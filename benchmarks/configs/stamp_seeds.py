@@ -53,5 +53,6 @@ def get_config(arg: str = "small"):
         s.target.name, s.target.image_size, s.target.channels = "mnist", 32, 3
         s.target.classes = (0, 1, 2, 3, 4)  # the head has 5 outputs (5 reference classes)
         reuse = REUSE.format("_".join([budget] + [o for o in options if o != "mnist"]))
-    c.bench = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), reuse=reuse))
+    c.bench = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), reuse=reuse,
+                                             wall_target_s=600.0 if budget == "small" else 0.0))
     return c
