@@ -11,6 +11,7 @@ import pytest
 
 from test_stamp import TinyNet, _tiny_problem  # tests/ is on sys.path (pytest's prepend import mode)
 from test_stamp_job import stamp_config
+from conftest import fast_jit
 
 from jaxcompress.data import load_dataset
 from jaxcompress.models import describe
@@ -109,7 +110,7 @@ def test_per_layer_selection_meets_its_counts_and_the_meta_step_trains():
             for name in path:
                 leaf = leaf[name]
             assert float(leaf.sum()) == k and set(np.unique(np.asarray(leaf))) <= {0.0, 1.0}
-    new_state, info = jax.jit(stamp.meta_step)(state, tasks)
+    new_state, info = fast_jit(stamp.meta_step)(state, tasks)
     assert np.isfinite(float(info["query_loss"]))
     moved = jax.tree.map(lambda u, v: float(jnp.abs(u - v).max()), new_state.params["generator"],
                          state.params["generator"])
@@ -150,11 +151,14 @@ def test_no_target_class_is_seen_in_meta_training():
         assert seen == set(classes)
 
 
-def test_meta_validation_deploys_the_best_checkpoint(tmp_path):
+def test_meta_validation_deploys_the_best_checkpoint(tmp_path, monkeypatch):
     """Meta-training with held-out validation tasks returns the meta-parameters of the
     checkpoint that scored best on them (scores recomputed here)."""
     from jaxcompress.stamp.meta import BEST_CHECKPOINT, meta_train
     from jaxcompress.train.metrics import read_metrics
+    jit = jax.jit  # meta_train's jits without XLA's backend optimisations (fast_jit): half the compile time
+    monkeypatch.setattr(jax, "jit", lambda f, **kw: jit(f, compiler_options={"xla_backend_optimization_level": 0},
+                                                         **kw))
     stamp, sampler, _ = _tiny_problem("fomaml")
     held_out = sampler.sample(10 ** 6, 4)  # tasks no meta step draws
     kwargs = dict(tasks_per_step=2, learning_rate=0.05, workdir=str(tmp_path), seed=0, checkpoint_every=1,
