@@ -9,6 +9,7 @@ and one line naming the problem, before any compilation.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Mapping
 
@@ -108,11 +109,25 @@ def quiet_library_logs() -> None:
         or "launch" in r.pathname or "benchmarks" in r.pathname)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_on_signals() -> None:
+    """Makes Ctrl-C (SIGINT) and SIGTERM (a scheduler stopping or preempting the job) raise
+    KeyboardInterrupt, so the job saves and exits as on Ctrl-C. Python keeps SIGINT ignored
+    in a process started ignoring it (`cmd &` in a script, nohup), where `kill -INT` would
+    otherwise be lost."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def run_job(jobs: Mapping[str, str] | None = None, distilling=None) -> None:
     """Runs `--config`'s job from `jobs` (default: the library's, `jaxcompress.jobs.JOBS`).
-    Ctrl-C exits with code 130 and one line on how to resume, no traceback."""
+    Ctrl-C or SIGTERM exits with code 130 and one line on how to resume, no traceback."""
     from jaxcompress.errors import NonFiniteError
     quiet_library_logs()
+    interrupt_on_signals()
     try:
         summary = J.run(_CONFIG.value, _WORKDIR.value, jobs or J.JOBS, distilling or J.DISTILLING)
     except (ConfigError, DataError, UnknownModelError, CheckpointError) as e:
