@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "matplotlib>=3.8",  # the jobs' plots (widths.png, reward curves)
+    "tensorboardX>=2.6",  # TensorBoard event files of every run's curves, without TensorFlow
+    "flatbuffers>=24.3",  # jax.export's serialisation (the StableHLO export, jaxcompress.stablehlo)
+    "scipy>=1.11",  # benchmarks' paired t-test (benchmarks/stats.py); also a jax dependency
 ]
 EXTRAS = {
     # tfds:<name> datasets (and mnist / cifar10 without JAXCOMPRESS_DATA_DIR), read with

@@ -97,10 +97,27 @@ def bad_input(s: Mapping) -> tuple[list, str]:
     return targets, table
 
 
+def quant_integer(s: Mapping) -> tuple[list, str]:
+    """Issue 21: the W8A8 network executed in int8 x int8 -> int32 has the fake-quantized
+    network's test accuracy; its latency against float32 is measured (no threshold set)."""
+    model = MODEL_NAMES.get(s["model"], s["model"])
+    lat = {k: 1e3 * v for k, v in {**s["latency_s"], **s["latency_integer_s"]}.items()}
+    diff = 100 * (s["accuracy_integer"] - s["accuracy_quantized"])
+    table = ("| model | float32 | W8A8 fake-quant | W8A8 integer | bytes float32 -> packed | latency float32 / "
+             "fake-quant / integer (batch " f"{s['latency_batch']}) | integer vs float32 |\n|---|---|---|---|---|---|---|\n"
+             f"| {model} | {s['accuracy_float']:.2%} | {s['accuracy_quantized']:.2%} | {s['accuracy_integer']:.2%} | "
+             f"{s['bytes_original_float32']:,} -> {s['bytes_quantized']:,} | {lat['original']:.1f} / "
+             f"{lat['fake_quant']:.1f} / {lat['integer']:.1f} ms | {lat['original'] / lat['integer']:.2f}x |")
+    return [_t(f"{model} integer accuracy - fake-quant accuracy", "0.00 points", f"{diff:+.2f} points", diff == 0),
+            _t(f"{model} integer latency vs float32", "measured", f"{lat['original'] / lat['integer']:.2f}x faster",
+               None)], table
+
+
 JUDGES: dict[str, Callable[[Mapping], tuple[list, str]]] = {
     "layer_overhead": layer_overhead, "search_speed": search_speed, "prune_speedup": prune_speedup,
     "width_alignment": prune_speedup, "latency_predictor": latency_predictor, "lenet5_mnist": lenet5_mnist,
     "prune_lenet5_mnist": prune_lenet5_mnist, "bad_input": bad_input,
+    "quant_integer_lenet5": quant_integer, "quant_integer_resnet20": quant_integer,
 }
 
 

@@ -28,15 +28,23 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], rounds: int = 7
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
-def forward_latencies(nets: Mapping[str, tuple], input_shape, batch_size: int = 128, rounds: int = 5,
-                      seed: int = 0) -> dict[str, float]:
-    """Median inference seconds per batch of each `name -> (model, variables)`, jitted,
-    on the same random batch, timed in alternation; {} when `batch_size` is 0 (off)."""
+def apply_latencies(nets: Mapping[str, tuple], input_shape, batch_size: int = 128, rounds: int = 5,
+                    seed: int = 0) -> dict[str, float]:
+    """Median inference seconds per batch of each `name -> (apply, variables)` (`apply(variables,
+    x, train=False)`), jitted, on the same random batch, timed in alternation; {} when
+    `batch_size` is 0 (off)."""
     if not batch_size:
         return {}
     x = jax.random.normal(jax.random.key(seed), (batch_size, *input_shape))
     fns = {}
-    for name, (model, variables) in nets.items():
-        forward = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+    for name, (apply, variables) in nets.items():
+        forward = jax.jit(lambda v, x, f=apply: f(v, x, train=False))
         fns[name] = (lambda f=forward, v=variables: f(v, x))
     return interleaved_medians(fns, rounds=rounds, calls=3)
+
+
+def forward_latencies(nets: Mapping[str, tuple], input_shape, batch_size: int = 128, rounds: int = 5,
+                      seed: int = 0) -> dict[str, float]:
+    """`apply_latencies` of each `name -> (model, variables)`'s `model.apply`."""
+    return apply_latencies({k: (model.apply, v) for k, (model, v) in nets.items()}, input_shape, batch_size,
+                           rounds, seed)

@@ -1,4 +1,7 @@
 """Shared pytest fixtures for the jaxcompress test-suite."""
+import os
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +9,19 @@ import pytest
 
 from jaxcompress.models import create_model, describe, get_spec
 
+# One persistent XLA compilation cache for the whole run: the pytest workers and every
+# subprocess a test launches (they inherit these variables) reuse each other's compiled
+# programs (the same executables, so the same numbers); the suite's CPU time drops by about
+# a third. A fresh machine starts with it empty.
+_XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(),
+                                                         f"jaxcompress-tests-xla-cache-{os.getuid()}"),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1", "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 ** 31)}
+for _name, _value in _XLA_CACHE.items():
+    os.environ.setdefault(_name, _value)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 def fast_jit(fun, **kwargs):
     """`jax.jit` with XLA's backend optimisations off: whole-model compiles take about half

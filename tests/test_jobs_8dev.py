@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent('''
     s = jobs.run(c, os.path.join(root, "quantize"))
     lap("quantize")
     out["quantize"] = {k: s[k] for k in ("accuracy_qat", "accuracy_exported", "accuracy_quantized",
-                                         "outputs_match", "payload_equals_accounting", "outputs_max_abs_diff")}
+                                         "outputs_match", "payload_equals_accounting", "outputs_max_abs_diff",
+                                         "accuracy_integer", "integer_layers", "stablehlo_argmax_agreement")}
 
     c = base("search")
     c.search.checkpoint = train_dir
@@ -81,10 +82,13 @@ SCRIPT = textwrap.dedent('''
     t.meta_steps, t.tasks_per_step, t.checkpoint_every = 2, 8, 2  # 8 tasks: one per device
     t.inner_steps, t.inner_batch, t.query_size = 2, 16, 32
     t.selection, t.channel_stats, t.meta_val_size, t.meta_val_tasks = "per_layer", True, 50, 8
-    t.finetune_epochs, t.methods = 1, ("stamp",)
+    t.baseline_widths, t.diagnostic_sets = "stamp", 3
+    t.finetune_epochs, t.methods = 1, ("stamp", "snip_pretrained", "random_stamp_widths")
     s = jobs.run(c, os.path.join(root, "stamp"))
     lap("stamp")
-    out["stamp"] = {name: r["accuracy"] for name, r in s["methods"].items()}
+    out["stamp"] = {name: {k: r[k] for k in ("accuracy", "widths", "params_pct")} for name, r in s["methods"].items()}
+    out["stamp"]["stamp"].update({k: s["methods"]["stamp"][k] for k in ("keep_prob_variation", "keep_prob_undecided")})
+    out["stamp_budget"] = t.budget
     out["stamp_meta"] = s["meta"]
     print("RESULT " + json.dumps({**out, "seconds": seconds}))
 ''')
@@ -120,6 +124,9 @@ def test_quantize_with_distilled_qat_on_eight_devices(results):
     r = results["quantize"]
     assert r["outputs_match"] and r["payload_equals_accounting"], r
     assert r["accuracy_exported"] == r["accuracy_quantized"] == r["accuracy_qat"] > 0.5
+    # executed in int8 x int8 -> int32 (symmetric weights, every layer at 8 bits), replicated over 8 devices
+    assert r["integer_layers"] == ["conv1", "conv2", "fc1", "fc2", "fc3"], r
+    assert abs(r["accuracy_integer"] - r["accuracy_quantized"]) <= 0.01 and r["stablehlo_argmax_agreement"] == 1.0
 
 
 def test_search_on_eight_devices(results):
@@ -128,7 +135,15 @@ def test_search_on_eight_devices(results):
 
 
 def test_stamp_on_eight_devices(results):
+    """`selection=per_layer` with per-channel statistics: every baseline exactly at STAMP's
+    widths, STAMP within its budget, the diagnostics of E[pi] recorded."""
     r = results["stamp"]
-    assert set(r) == {"stamp"} and 0.0 <= r["stamp"] <= 1.0
+    assert set(r) == {"stamp", "snip_pretrained", "random_stamp_widths"}
+    for name in r:
+        assert r[name]["widths"] == r["stamp"]["widths"] and 0.0 <= r[name]["accuracy"] <= 1.0
+    assert r["stamp"]["params_pct"] <= 100 * results["stamp_budget"] + 1e-6
+    v = r["stamp"]["keep_prob_variation"]
+    assert v["sets"] == 4 and v["across_sets"] >= 0 and 0 <= v["mask_agreement"] <= 1
+    assert 0 <= r["stamp"]["keep_prob_undecided"] <= 1
     meta = results["stamp_meta"]  # the meta step's tasks split over the 8 devices; validation picked a step
     assert meta["task_devices"] == 8 and meta["best_step"] in (2,) and 0.0 <= meta["val_accuracy"] <= 1.0

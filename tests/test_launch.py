@@ -7,6 +7,7 @@ batch 32: 1797 digits - 359 test - 200 validation = 1238 training images, so
 """
 import concurrent.futures
 import json
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,26 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_events(directory):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in `directory`: TFRecord
+    framing (u64 length, u32 crc, bytes, u32 crc) around `Event` protos, read by hand."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    out = {}
+    for name in sorted(n for n in os.listdir(directory) if n.startswith("events.out.tfevents")):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            length, = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
 def _steps(directory):
     """Finalised Orbax step directories (in-progress saves end in '.orbax-checkpoint-tmp...')."""
     if not os.path.isdir(directory):
@@ -89,6 +110,21 @@ def test_train_run_writes_config_metrics_summary_and_checkpoints(reference_run):
     for m in metrics:
         assert 0.0 <= m["val"]["accuracy"] <= 1.0 and _is_count_ratio(m["val"]["accuracy"], NUM_VAL)
         assert m["val"]["loss"] > 0 and m["train"]["loss"] > 0
+        assert m["examples_per_s"] == pytest.approx(32 * m["steps_per_s"]) and m["steps_per_s"] > 0
+    # cosine decay from 0.05 over 76 steps, read at each epoch's last step (38 and 76 - 1 = 75)
+    lr = [0.5 * 0.05 * (1 + math.cos(math.pi * t / (EPOCHS * STEPS_PER_EPOCH))) for t in (37, 75)]
+    assert [m["learning_rate"] for m in metrics] == pytest.approx(lr, rel=1e-6, abs=1e-8)  # float32 cosine
+    # the same scalars as TensorBoard events, nested keys as tags
+    events = read_events(r["workdir"])
+    for tag, key in (("val/accuracy", ("val", "accuracy")), ("train/loss", ("train", "loss")),
+                     ("learning_rate", ("learning_rate",)), ("examples_per_s", ("examples_per_s",))):
+        want = []
+        for m in metrics:
+            value = m
+            for k in key:
+                value = value[k]
+            want.append((m["step"], pytest.approx(value, rel=1e-6)))
+        assert events[tag] == want, tag
 
     s = r["summary"]
     assert s["job"] == "train" and s["model"] == "lenet5" and s["dataset"] == "digits"

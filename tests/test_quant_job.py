@@ -25,6 +25,9 @@ def test_quantize_job_ptq_export_and_checks():
         assert os.path.isfile(os.path.join(d, "model.npz")) and os.path.isfile(os.path.join(d, "bits.png"))
         assert s["payload_equals_accounting"] and s["outputs_match"] and s["outputs_max_abs_diff"] == 0.0
         assert s["accuracy_exported"] == s["accuracy_quantized"]
+        # model.stablehlo, read back with plain jax.export, computes the loaded network (uint8 images in)
+        assert os.path.getsize(os.path.join(d, "model.stablehlo")) == s["stablehlo_bytes"] > 0
+        assert s["stablehlo_argmax_agreement"] == 1.0 and s["stablehlo_max_abs_diff"] < 1e-3
         assert s["bytes_quantized"] <= 0.12 * s["bytes_original_float32"]
         # ~35.8 kB at the start; HAQ's sweep from the back: fc3 32 -> 8 (its floor), fc2 4 -> 3,
         # fc1 4 -> 3 brings it to ~26 kB <= 29.6 kB, so the sweep stops before conv2.

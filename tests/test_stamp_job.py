@@ -121,19 +121,15 @@ def test_stamp_job_curves_and_time_ratios(stamp_run):
         assert ratio == (None if t is None else pytest.approx(t / s["methods"]["stamp"]["target_time_s"]))
 
 
-def test_stamp_job_per_layer_selection_baselines_at_stamps_widths(stamp_run, tmp_path):
-    """`selection=per_layer` with per-channel statistics (the pretraining of `stamp_run`
-    reused): every baseline exactly at STAMP's widths, STAMP within its budget, and the
-    diagnostics of E[pi] recorded."""
+def test_stamp_job_reuses_a_pretrained_network_and_meta_checkpoint(stamp_run, tmp_path):
+    """`stamp.pretrained` and `stamp.meta_checkpoint` pointing at `stamp_run`'s: nothing is
+    trained before the target side, and STAMP deploys the same widths."""
     c = stamp_run["config"].copy_and_resolve_references()
-    s = c.stamp
-    s.pretrained = os.path.join(stamp_run["workdir"], "pretrain")
-    s.selection, s.channel_stats, s.baseline_widths, s.diagnostic_sets = "per_layer", True, "stamp", 3
-    s.methods, s.finetune_epochs = ("stamp", "snip_pretrained", "random_stamp_widths"), 1
-    r = jobs.run(c, str(tmp_path))["methods"]
-    for name in s.methods:
-        assert r[name]["widths"] == r["stamp"]["widths"]
-    assert r["stamp"]["params_pct"] <= 100 * s.budget + 1e-6
-    v = r["stamp"]["keep_prob_variation"]
-    assert v["sets"] == 4 and v["across_sets"] >= 0 and 0 <= v["mask_agreement"] <= 1
-    assert 0 <= r["stamp"]["keep_prob_undecided"] <= 1
+    c.stamp.pretrained = os.path.join(stamp_run["workdir"], "pretrain")
+    c.stamp.meta_checkpoint = os.path.join(stamp_run["workdir"], "meta")
+    c.stamp.methods, c.stamp.finetune_epochs, c.stamp.diagnostic_sets = ("stamp",), 0, 0
+    c.hardware.latency_batch = 0
+    s = jobs.run(c, str(tmp_path))
+    assert s["methods"]["stamp"]["widths"] == stamp_run["summary"]["methods"]["stamp"]["widths"]
+    assert not os.path.exists(os.path.join(str(tmp_path), "pretrain")) and not os.path.exists(
+        os.path.join(str(tmp_path), "meta"))

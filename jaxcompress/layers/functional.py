@@ -42,6 +42,16 @@ def _levels(bits):
     return 2.0 ** jnp.asarray(bits, jnp.float32)
 
 
+def _unsigned_step(bits, x_max, dtype):
+    x_max = jnp.maximum(jnp.asarray(x_max, dtype), _TINY)
+    return x_max, x_max / (_levels(bits) - 1.0)
+
+
+def _signed_step(bits, x_max, dtype):
+    x_max = jnp.maximum(jnp.asarray(x_max, dtype), _TINY)
+    return x_max, x_max / jnp.maximum(_levels(bits) / 2.0 - 1.0, 1.0)
+
+
 def fake_quant_unsigned(x: jax.Array, bits, x_max) -> jax.Array:
     """Quantizes x to `bits` unsigned levels on [0, x_max] (activations after ReLU).
 
@@ -49,8 +59,7 @@ def fake_quant_unsigned(x: jax.Array, bits, x_max) -> jax.Array:
     is 1 inside [0, x_max] and 0 outside (from the clip), the STE of the paper's QAT.
     Bits >= 32 return x unchanged.
     """
-    x_max = jnp.maximum(jnp.asarray(x_max, x.dtype), _TINY)
-    scale = x_max / (_levels(bits) - 1.0)
+    x_max, scale = _unsigned_step(bits, x_max, x.dtype)
     xc = jnp.where((x >= 0) & (x <= x_max), x, jnp.clip(x, 0.0, x_max))  # gradient 1 at the bounds too
     q = ste_round(xc / scale) * scale
     return jnp.where(bits >= FULL_PRECISION_BITS, x, q.astype(x.dtype))
@@ -64,9 +73,7 @@ def fake_quant_symmetric(x: jax.Array, bits, x_max) -> jax.Array:
     [-x_max, x_max] and 0 outside. Bits >= 32 return x unchanged. One bit means
     the binary grid {-s, s} with s = x_max (sign quantization).
     """
-    x_max = jnp.maximum(jnp.asarray(x_max, x.dtype), _TINY)
-    half_levels = jnp.maximum(_levels(bits) / 2.0 - 1.0, 1.0)
-    scale = x_max / half_levels
+    x_max, scale = _signed_step(bits, x_max, x.dtype)
     xc = jnp.where(jnp.abs(x) <= x_max, x, jnp.clip(x, -x_max, x_max))  # gradient 1 at the bounds too
     q = ste_round(xc / scale) * scale
     binary = jnp.where(xc >= 0, x_max, -x_max)
@@ -86,6 +93,29 @@ def quantize_weight(kernel: jax.Array, bits, w_max=None) -> jax.Array:
     return fake_quant_symmetric(kernel, bits, jax.lax.stop_gradient(w_max))
 
 
+def _activation_range(x: jax.Array, x_range, batch_dims: int | None):
+    if x_range is not None:
+        return x_range
+    if batch_dims is None:
+        batch_dims = 1 if x.ndim > 1 else 0
+    axes = tuple(range(batch_dims, x.ndim))
+    return jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+
+
+def activation_codes(x: jax.Array, bits, x_range=None, signed: bool = False, *,
+                     batch_dims: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The integer codes (float-valued) and the step of `quantize_activation(x, ...)`, whose
+    value is exactly `codes * step`: unsigned codes in [0, 2^b - 1], signed ones in
+    [-(2^(b-1) - 1), 2^(b-1) - 1] (bits >= 2). The step is a scalar for a calibrated
+    range, else one per example (keepdims). For integer execution (`jaxcompress.quant.integer`)."""
+    x_range = _activation_range(x, x_range, batch_dims)
+    if signed:
+        x_max, step = _signed_step(bits, x_range, x.dtype)
+        return jnp.round(jnp.clip(x, -x_max, x_max) / step), step
+    x_max, step = _unsigned_step(bits, x_range, x.dtype)
+    return jnp.round(jnp.clip(x, 0.0, x_max) / step), step
+
+
 def quantize_activation(x: jax.Array, bits, x_range=None, signed: bool = False, *,
                         batch_dims: int | None = None) -> jax.Array:
     """Fake-quantizes an activation tensor.
@@ -96,11 +126,7 @@ def quantize_activation(x: jax.Array, bits, x_range=None, signed: bool = False, 
     depends on the other examples of its batch. The leading `batch_dims` axes index
     the examples (default: axis 0 if x has two or more axes; a 1-D x is one example).
     """
-    if x_range is None:
-        if batch_dims is None:
-            batch_dims = 1 if x.ndim > 1 else 0
-        axes = tuple(range(batch_dims, x.ndim))
-        x_range = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    x_range = _activation_range(x, x_range, batch_dims)
     if signed:
         return fake_quant_symmetric(x, bits, x_range)
     return fake_quant_unsigned(x, bits, x_range)

@@ -18,7 +18,8 @@ budget (`quant.budget_bytes`, `quant.budget_ratio` of the float32 size,
 Writes `summary.json` (accuracies float / PTQ / QAT / exported, bytes by the
 accounting and of the file, output agreement of the loaded model), `model.npz` (the
 packed network), `policy.json` (the bits used, in the policy-file format) and
-`bits.png`. An interrupted QAT resumes from `<workdir>/qat/checkpoints`.
+`bits.png`, and `model.stablehlo` (the loaded network as serialized StableHLO, uint8
+images in, runnable with plain `jax.export`; `jaxcompress.stablehlo`). An interrupted QAT resumes from `<workdir>/qat/checkpoints`.
 
 The stages, each a function of the job's module: `float_network`, `choose_bits`,
 `post_training_quantize` (`quant.qat.quantize_state`), `quantization_aware_training`
@@ -27,6 +28,7 @@ The stages, each a function of the job's module: `float_network`, `choose_bits`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -46,10 +48,13 @@ from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.quant import budget as B
 from jaxcompress.quant.calibrate import calibrate_ranges
 from jaxcompress.quant.export import compare_outputs, export_packed, fold_batchnorm, load_packed, norm_epsilons
+from jaxcompress.quant.integer import INTEGER, integer_apply, integer_layers, integerize
 from jaxcompress.quant.policy import make_quant, resolve_bits, write_policy
 from jaxcompress.quant.qat import QuantRecipe, make_quantized_apply, quantize_state, train_qat
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer
 from jaxcompress.report import plot_layer_bars
+from jaxcompress.stablehlo import export_stablehlo, load_stablehlo
+from jaxcompress.timing import apply_latencies
 from jaxcompress.train import Experiment, Recipe, Teacher, TrainState, create_train_state, setup_experiment
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
 from jaxcompress.train.loop import load_trained, make_eval_fn, train_and_evaluate
@@ -295,10 +300,48 @@ def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *
     x_check = jnp.asarray(normalize(exp.test[0][:verify_batch], exp.mean, exp.std))
     agreement = compare_outputs(state.apply_fn, folded, loaded_model.apply, loaded_vars, x_check)
     accuracy = evaluate(_eval_state(loaded_model, loaded_vars, exp.input_shape, seed), exp.test)["accuracy"]
-    return dict(accounting=accounting, exported=exported, agreement=agreement, accuracy=accuracy,
+    stablehlo = stablehlo_export(os.path.splitext(path)[0] + ".stablehlo", loaded_model, loaded_vars, exp,
+                                 verify_batch)
+    return dict(accounting=accounting, exported=exported, agreement=agreement, accuracy=accuracy, stablehlo=stablehlo,
                 outputs_match=agreement["max_abs_diff"] <= 1e-5 * max(1.0, agreement["max_abs_output"]),
                 payload_equals_accounting=exported["payload_bytes"] == int(accounting["totals"]["bytes"]),
                 model=loaded_model, export_time_s=export_time)
+
+
+def stablehlo_export(path: str, model, variables, exp: Experiment, verify_batch: int) -> dict:
+    """The loaded network as StableHLO (`jaxcompress.stablehlo`, uint8 images in), read back
+    with plain `jax.export` and run on the first `verify_batch` test images: its record
+    plus "max_abs_diff" / "argmax_agreement" against the loaded network."""
+    apply = functools.partial(model.apply, train=False)
+    record = export_stablehlo(path, apply, variables, exp.input_shape, input_mean=exp.mean, input_std=exp.std)
+    images = exp.test[0][:verify_batch]
+    got = np.asarray(load_stablehlo(path).call(images))
+    want = np.asarray(jax.jit(apply)(variables, normalize(images, exp.mean, exp.std)))
+    return dict(record, max_abs_diff=float(np.max(np.abs(got - want))) if got.size else 0.0,
+                argmax_agreement=float(np.mean(got.argmax(-1) == want.argmax(-1))) if got.size else 1.0)
+
+
+def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer, evaluate,
+                  latency_batch: int) -> dict:
+    """Stage 5b: the quantized network `state` executed in integers (`quant.integer`: int8
+    x int8 -> int32 wherever bits_w and bits_a are 2-8, symmetric weights): its test
+    accuracy, and its forward latency against the fake-quantized float network's (timed
+    in alternation, `latency_batch`; 0: not timed). Empty when no layer can run integer."""
+    variables = jax.device_get(state.variables())
+    layers = integer_layers(variables.get("quant")) if quantizer.scheme == "symmetric" else []
+    if not layers:
+        return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={})
+    codes = integerize(variables, quantizer)[INTEGER]
+    int_apply = integer_apply(exp.model, quantizer)
+
+    def apply(v, *args, **kwargs):
+        return int_apply({**v, INTEGER: codes}, *args, **kwargs)
+
+    latency = apply_latencies({"fake_quant": (state.apply_fn, variables), "integer": (apply, variables)},
+                              exp.input_shape, latency_batch)
+    return dict(integer_layers=["/".join(p) for p in layers],
+                accuracy_integer=evaluate(state.replace(apply_fn=apply), exp.test)["accuracy"],
+                latency_integer_s=latency)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,6 +375,7 @@ def quantize(config, workdir: str) -> dict:
     check = export_and_verify(os.path.join(workdir, "model.npz"), exp, state, evaluate, model_name=config.model.name,
                               quantizer=qrecipe.quantizer, index_bits=index_bits, verify_batch=q.verify_batch,
                               seed=config.seed)
+    fields.update(integer_check(exp, state, qrecipe.quantizer, evaluate, config.hardware.latency_batch))
     summary = quantize_summary(config, exp, dense_table, qrecipe.quantizer, bits_w, bits_a, fields, check)
     summary["wall_time_s"] = time.time() - wall_start
     write_outputs(workdir, summary, exp.table, check)
@@ -357,6 +401,8 @@ def quantize_summary(config, exp: Experiment, dense_table: ModelTable, quantizer
         outputs_max_abs_diff=check["agreement"]["max_abs_diff"],
         outputs_argmax_agreement=check["agreement"]["argmax_agreement"], outputs_match=check["outputs_match"],
         layers=check["accounting"]["layers"], export_time_s=check["export_time_s"],
+        stablehlo_bytes=check["stablehlo"]["bytes"], stablehlo_max_abs_diff=check["stablehlo"]["max_abs_diff"],
+        stablehlo_argmax_agreement=check["stablehlo"]["argmax_agreement"],
         device_kind=jax.devices()[0].device_kind, latency_batch=batch,
         # float forward passes: the original network and the exported one as loaded (dequantized)
         latency_s=measured_latency({"original": dense_table.model, "exported": check["model"]}, exp.input_shape,

@@ -38,6 +38,7 @@ from flax import struct
 
 from jaxcompress.errors import ConfigError, NonFiniteError
 from jaxcompress.train.checkpoint import Checkpointer
+from jaxcompress.train.metrics import MetricWriter
 from jaxcompress.train.steps import all_finite
 
 REWARDS = ("acc", "flops", "log_flops")
@@ -301,6 +302,7 @@ def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec
     start = time.time()
     compiled, compile_time = _compiled_iteration(spec, state, data)
     done = int(state.episode) // num_actors
+    writer = MetricWriter(checkpoint_dir) if checkpoint_dir else None  # search curves, TensorBoard too
     for it in range(done, iterations):
         state, records, metrics, finite = compiled(state, data)
         records, metrics, finite = jax.device_get((records, metrics, finite))
@@ -315,6 +317,12 @@ def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec
         for k, v in _to_lists(records).items():
             history.setdefault(k, []).extend(v)
         history["metrics"].append({k: float(v) for k, v in metrics.items()})
+        if writer is not None:
+            writer.write((it + 1) * num_actors, reward={"mean": float(np.mean(records["reward"])),
+                                                        "max": float(np.max(records["reward"])),
+                                                        "best": float(state.best_reward)},
+                         accuracy={"mean": float(np.mean(records["accuracy"])), "best": float(state.best_accuracy)},
+                         agent=history["metrics"][-1])
         if log_every and ((it + 1) % log_every == 0 or it + 1 == iterations):
             r = np.asarray(history["reward"][-log_every * num_actors:])
             logging.info("%s: episode %d/%d, reward mean %.4f max %.4f, best %.4f (acc %.4f)", name,
@@ -323,4 +331,6 @@ def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec
         if ckpt is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
             ckpt.save_tree(it + 1, state, {"history": history})
             last_saved = it + 1
+    if writer is not None:
+        writer.close()
     return state, history, start, compile_time

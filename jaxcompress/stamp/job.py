@@ -32,6 +32,7 @@ from absl import logging
 from jaxcompress import cost, pipeline, schema
 from jaxcompress.data import (channel_stats, load_dataset, normalize, split_validation,
                               stratified_subset)
+from jaxcompress.config import STAMP_METHODS
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import measured_latency
 from jaxcompress.models import create_model, describe, get_spec
@@ -50,8 +51,7 @@ from jaxcompress.train.state import TrainState
 from jaxcompress.train.steps import make_mesh
 
 BUDGET_PENALTIES = ("target", "hinge", "counts")
-METHODS = ("stamp", "dense", "magnitude", "snip_pretrained", "snip_init", "random", "random_stamp_widths", "bbdropout",
-           "scratch")
+METHODS = STAMP_METHODS  # the schema's list of `stamp.methods`
 
 
 def _split(name, data_dir, image_size, channels, classes, field, max_train, val_size, seed):

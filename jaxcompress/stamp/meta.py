@@ -446,4 +446,5 @@ def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, task
                              validation.best)
             last_saved = step
     check()
+    writer.close()
     return state, start, devices

@@ -28,7 +28,7 @@ from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
 from jaxcompress.train.experiment import Experiment, Teacher, setup_experiment
 from jaxcompress.train.metrics import MetricWriter, write_json
-from jaxcompress.train.optim import make_optimizer
+from jaxcompress.train.optim import learning_rate_schedule, make_optimizer
 from jaxcompress.train.recipe import Recipe
 from jaxcompress.train.state import TrainState, create_train_state
 
@@ -122,6 +122,7 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
     train_step, teacher_args = _train_step(exp, recipe, teacher)
     evaluate = make_eval_fn(exp, recipe.eval_batch_size)
     writer = MetricWriter(workdir)
+    schedule = learning_rate_schedule(recipe, spe)
     step = int(jax.device_get(state.step))
     last_saved = ckpt.latest_step()
     train_time = 0.0
@@ -139,6 +140,7 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
         if epoch_sums is not None:  # the steps of this epoch run before the restart
             sums, n = _resumed_sums(epoch_sums, exp.mesh), epoch_steps
             epoch_sums = None
+        resumed_steps = n
         with tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{recipe.num_epochs}",
                   disable=None, leave=False) as bar:
             try:
@@ -157,7 +159,11 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
                 raise
         sums = checked(sums)
         train_metrics = {k: float(v) / n for k, v in sums.items() if k != "first_nonfinite"}
-        train_time += time.time() - epoch_start
+        epoch_train_s = time.time() - epoch_start
+        train_time += epoch_train_s
+        ran = n - resumed_steps  # throughput of the steps this process ran (global batch)
+        throughput = dict(steps_per_s=ran / epoch_train_s, examples_per_s=ran * recipe.batch_size / epoch_train_s,
+                          learning_rate=float(schedule(step - 1)))
         val = evaluate(state, exp.val)
         meta = {**meta, "iterator": it.get_state()}
         if val["accuracy"] > meta["best_val_accuracy"]:
@@ -165,10 +171,12 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
             best_ckpt.save(state, meta)
         ckpt.save(state, meta)
         last_saved = step
-        writer.write(step, epoch=epoch + 1, train=train_metrics, val=val, epoch_time_s=time.time() - epoch_start)
+        writer.write(step, epoch=epoch + 1, train=train_metrics, val=val, epoch_time_s=time.time() - epoch_start,
+                     **throughput)
         logging.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)", epoch + 1,
                      recipe.num_epochs, train_metrics["loss"], train_metrics["accuracy"], val["loss"],
                      val["accuracy"], time.time() - epoch_start)
+    writer.close()
     return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time,
                    "examples_read_per_process": _per_process(it.examples_read)}
 

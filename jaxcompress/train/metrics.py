@@ -1,12 +1,17 @@
-"""Run outputs in the workdir: metrics.jsonl, config.json, summary.json.
+"""Run outputs in the workdir: metrics.jsonl (and the same scalars as TensorBoard event
+files), config.json, summary.json.
 
-Written by process 0 only (`jaxcompress.distributed.is_primary`): on many hosts the
+`tensorboard --logdir <workdir or a folder of workdirs>` shows every run's curves: a
+nested metric `{"val": {"accuracy": a}}` is the tag `val/accuracy`; lists, strings and
+booleans stay in metrics.jsonl only. Events are written with tensorboardX (no
+TensorFlow). Written by process 0 only (`jaxcompress.distributed.is_primary`): on many hosts the
 other processes compute the same values and write nothing."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -37,18 +42,47 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-class MetricWriter:
-    """Appends one JSON object per line to `<workdir>/metrics.jsonl` (process 0 only)."""
+def scalars(metrics: Mapping, prefix: str = "") -> dict[str, float]:
+    """The numeric scalars of nested `metrics` by `a/b` tag (bools, strings, lists left out)."""
+    out = {}
+    for k, v in metrics.items():
+        tag = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(scalars(v, tag + "/"))
+        elif isinstance(v, (int, float, np.number, np.ndarray, jax.Array)) and not isinstance(v, (bool, np.bool_)) \
+                and np.ndim(v) == 0:
+            out[tag] = float(v)
+    return out
 
-    def __init__(self, workdir: str):
+
+class MetricWriter:
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl` and its scalars to
+    TensorBoard event files in `<workdir>` (process 0 only; `tensorboard=False`: JSON only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = tensorboard
+        self._board = None
 
     def write(self, step: int, **metrics) -> None:
         if not is_primary():
             return
+        now = time.time()
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "time": time.time(), **_plain(metrics)}) + "\n")
+            f.write(json.dumps({"step": int(step), "time": now, **_plain(metrics)}) + "\n")
+        if self.tensorboard:
+            if self._board is None:
+                from tensorboardX import SummaryWriter  # imported on the first write
+                self._board = SummaryWriter(os.path.dirname(self.path))
+            for tag, value in scalars(metrics).items():
+                self._board.add_scalar(tag, value, int(step), walltime=now)
+            self._board.flush()
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def read(self) -> list[dict]:
         return read_metrics(os.path.dirname(self.path))

@@ -1,0 +1,108 @@
+"""Integer execution (`jaxcompress.quant.integer`): int8 x int8 -> int32 accumulations equal
+NumPy's exact integer products, and networks agree with their fake-quantized selves."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.layers import Conv, Dense
+from jaxcompress.layers.functional import activation_codes, quantize_activation
+from jaxcompress.models import create_model, describe
+from jaxcompress.quant import WeightQuantizer, make_quant, make_quantized_apply
+from jaxcompress.quant.integer import INTEGER, integer_apply, integer_layers, integerize
+
+
+@pytest.mark.parametrize("signed,bits,calibrated", [(False, 8, True), (False, 4, False), (True, 8, False),
+                                                    (True, 3, True)])
+def test_activation_codes_times_step_is_the_fake_quantized_value(signed, bits, calibrated):
+    x = jax.random.normal(jax.random.key(0), (4, 5, 6, 3)) * 3
+    x_range = jnp.float32(2.5) if calibrated else None
+    codes, step = activation_codes(x, bits, x_range, signed, batch_dims=1)
+    np.testing.assert_array_equal(codes * step, quantize_activation(x, bits, x_range, signed, batch_dims=1))
+    top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    assert float(jnp.max(codes)) == top and float(jnp.min(codes)) == (-top if signed else 0)
+    assert np.all(np.asarray(codes) == np.round(np.asarray(codes)))
+
+
+def _int_conv_reference(codes_x, codes_w, stride):
+    """NumPy int64 'SAME' convolution (odd kernel, NHWC x HWIO)."""
+    k = codes_w.shape[0]
+    p = k // 2
+    xp = np.pad(codes_x.astype(np.int64), ((0, 0), (p, p), (p, p), (0, 0)))
+    n, h, w, _ = codes_x.shape
+    out = np.zeros((n, (h + stride - 1) // stride, (w + stride - 1) // stride, codes_w.shape[-1]), np.int64)
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            patch = xp[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            out[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, codes_w.astype(np.int64))
+    return out
+
+
+@pytest.mark.parametrize("signed,granularity", [(False, "channel"), (True, "tensor")])
+def test_conv_accumulates_exactly_in_int32_and_scales_once(signed, granularity):
+    conv = Conv(6, (3, 3), strides=2, signed_input=signed)
+    x = jax.random.normal(jax.random.key(1), (2, 7, 7, 4))
+    x = x if signed else jax.nn.relu(x)
+    v = conv.init(jax.random.key(0), x)
+    v = {**v, "quant": {"bits_w": jnp.float32(5), "bits_a": jnp.float32(8)}}
+    iv = integerize(v, WeightQuantizer("symmetric", granularity))
+    codes_w = np.asarray(iv[INTEGER]["kernel"])
+    assert codes_w.dtype == np.int8 and np.abs(codes_w).max() == 15  # 5 bits: -15..15
+    codes_x, step_a = activation_codes(x, 8, None, signed, batch_dims=1)
+    acc = _int_conv_reference(np.asarray(codes_x).astype(np.int64), codes_w, 2)
+    want = acc.astype(np.float32) * (np.asarray(step_a) * np.asarray(iv[INTEGER]["step_w"])) + np.asarray(
+        v["params"]["bias"])
+    got = integer_apply(conv, WeightQuantizer("symmetric", granularity))(iv, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # only the last multiply and the bias round
+    # the program really multiplies int8 by int8 into int32
+    # the program convolves int8 with int8 into int32, and nothing in float: the batch, plus
+    # (unsigned input, zero point 128) one example of ones for the correction term
+    hlo = jax.jit(integer_apply(conv)).lower(iv, x).as_text()
+    convs = [line.split(" : ")[-1].strip() for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    want_convs = ["(tensor<2x7x7x4xi8>, tensor<3x3x4x6xi8>) -> tensor<2x4x4x6xi32>"]
+    if not signed:
+        want_convs.append("(tensor<1x7x7x4xi8>, tensor<3x3x4x6xi8>) -> tensor<1x4x4x6xi32>")
+    assert convs == want_convs, convs
+    fake = make_quantized_apply(conv, WeightQuantizer("symmetric", granularity))(v, x)
+    np.testing.assert_allclose(got, fake, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(fake))))
+
+
+def test_dense_with_batch_axes_pruned_weights_and_zero_point():
+    dense = Dense(5)
+    x = jax.nn.relu(jax.random.normal(jax.random.key(2), (3, 4, 7)))  # (batch, tokens, features)
+    v = dense.init(jax.random.key(0), x)
+    kernel_mask = (jnp.arange(35).reshape(7, 5) % 3 != 0).astype(jnp.float32)
+    v = {**v, "masks": {**v["masks"], "kernel": kernel_mask}, "quant": {"bits_w": 8.0, "bits_a": 8.0}}
+    iv = integerize(v)
+    codes_w = np.asarray(iv[INTEGER]["kernel"]).astype(np.int64)
+    assert np.all(codes_w[np.asarray(kernel_mask) == 0] == 0)
+    codes_x, step_a = activation_codes(x, 8, None, False, batch_dims=1)
+    acc = np.einsum("bti,io->bto", np.asarray(codes_x).astype(np.int64), codes_w)
+    want = acc * (np.asarray(step_a) * np.asarray(iv[INTEGER]["step_w"])) + np.asarray(v["params"]["bias"])
+    np.testing.assert_allclose(integer_apply(dense)(iv, x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_float():
+    model = create_model("lenet5", 10, 1.0)
+    x = jax.random.normal(jax.random.key(3), (16, 28, 28, 1))
+    v = model.init(jax.random.key(0), x[:1], train=False)
+    quant = make_quant(describe(model, (28, 28, 1)), bits_w=4, bits_a=8)
+    quant["fc3"]["bits_w"] = jnp.float32(32)  # a float layer stays float
+    v = {**v, "quant": quant}
+    assert ("fc3",) not in integer_layers(quant) and ("conv1",) in integer_layers(quant)
+    iv = integerize(v)
+    assert set(iv[INTEGER]) == {"conv1", "conv2", "fc1", "fc2"}
+    got = jax.jit(functools.partial(integer_apply(model), train=False))(iv, x)
+    want = jax.jit(functools.partial(make_quantized_apply(model), train=False))(v, x)
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-3 * float(jnp.max(jnp.abs(want)))
+    np.testing.assert_array_equal(jnp.argmax(got, -1), jnp.argmax(want, -1))
+
+
+def test_refusals_are_one_line():
+    v = Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="no layer has both bits_w and bits_a in"):
+        integerize(v)
+    with pytest.raises(ValueError, match="asymmetric weight grid has no zero-free integer codes"):
+        integerize({**v, "quant": {"bits_w": 8.0, "bits_a": 8.0}}, WeightQuantizer("asymmetric"))
