@@ -15,13 +15,12 @@ from jaxcompress.models import create_model, describe, get_spec
 # a third. A fresh machine starts with it empty.
 _XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(),
                                                          f"jaxcompress-tests-xla-cache-{os.getuid()}"),
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1", "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 ** 31)}
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 for _name, _value in _XLA_CACHE.items():
     os.environ.setdefault(_name, _value)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 def fast_jit(fun, **kwargs):
     """`jax.jit` with XLA's backend optimisations off: whole-model compiles take about half

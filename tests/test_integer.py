@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from jaxcompress.layers import Conv, Dense
 from jaxcompress.layers.functional import activation_codes, quantize_activation
@@ -40,20 +41,39 @@ def _int_conv_reference(codes_x, codes_w, stride):
     return out
 
 
+class _One(nn.Module):
+    """One layer (`layer`: "conv" or "dense") as a described model (widths, one group)."""
+
+    widths: tuple = (6,)
+    layer: str = "conv"
+    signed: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        if self.layer == "conv":
+            return Conv(self.widths[0], (3, 3), strides=2, signed_input=self.signed, name="l")(x)
+        return Dense(self.widths[0], name="l")(x)
+
+
+def _quantized(model, x, bits_w, bits_a, **masks):
+    v = model.init(jax.random.key(0), x)
+    return {**v, "masks": {"l": {**v["masks"]["l"], **masks}},
+            "quant": {"l": {"bits_w": jnp.float32(bits_w), "bits_a": jnp.float32(bits_a)}}}
+
+
 @pytest.mark.parametrize("signed,granularity", [(False, "channel"), (True, "tensor")])
 def test_conv_accumulates_exactly_in_int32_and_scales_once(signed, granularity):
-    conv = Conv(6, (3, 3), strides=2, signed_input=signed)
+    conv = _One(signed=signed)
     x = jax.random.normal(jax.random.key(1), (2, 7, 7, 4))
     x = x if signed else jax.nn.relu(x)
-    v = conv.init(jax.random.key(0), x)
-    v = {**v, "quant": {"bits_w": jnp.float32(5), "bits_a": jnp.float32(8)}}
-    iv = integerize(v, WeightQuantizer("symmetric", granularity))
-    codes_w = np.asarray(iv[INTEGER]["kernel"])
+    v = _quantized(conv, x, 5, 8)
+    iv = integerize(describe(conv, (7, 7, 4)), v, WeightQuantizer("symmetric", granularity))
+    codes_w = np.asarray(iv[INTEGER]["l"]["kernel"])
     assert codes_w.dtype == np.int8 and np.abs(codes_w).max() == 15  # 5 bits: -15..15
     codes_x, step_a = activation_codes(x, 8, None, signed, batch_dims=1)
     acc = _int_conv_reference(np.asarray(codes_x).astype(np.int64), codes_w, 2)
-    want = acc.astype(np.float32) * (np.asarray(step_a) * np.asarray(iv[INTEGER]["step_w"])) + np.asarray(
-        v["params"]["bias"])
+    want = acc.astype(np.float32) * (np.asarray(step_a) * np.asarray(iv[INTEGER]["l"]["step_w"])) + np.asarray(
+        v["params"]["l"]["bias"])
     got = integer_apply(conv, WeightQuantizer("symmetric", granularity))(iv, x)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # only the last multiply and the bias round
     # the program really multiplies int8 by int8 into int32
@@ -70,17 +90,16 @@ def test_conv_accumulates_exactly_in_int32_and_scales_once(signed, granularity):
 
 
 def test_dense_with_batch_axes_pruned_weights_and_zero_point():
-    dense = Dense(5)
+    dense = _One(widths=(5,), layer="dense")
     x = jax.nn.relu(jax.random.normal(jax.random.key(2), (3, 4, 7)))  # (batch, tokens, features)
-    v = dense.init(jax.random.key(0), x)
     kernel_mask = (jnp.arange(35).reshape(7, 5) % 3 != 0).astype(jnp.float32)
-    v = {**v, "masks": {**v["masks"], "kernel": kernel_mask}, "quant": {"bits_w": 8.0, "bits_a": 8.0}}
-    iv = integerize(v)
-    codes_w = np.asarray(iv[INTEGER]["kernel"]).astype(np.int64)
+    v = _quantized(dense, x, 8, 8, kernel=kernel_mask)
+    iv = integerize(describe(dense, (4, 7)), v)
+    codes_w = np.asarray(iv[INTEGER]["l"]["kernel"]).astype(np.int64)
     assert np.all(codes_w[np.asarray(kernel_mask) == 0] == 0)
     codes_x, step_a = activation_codes(x, 8, None, False, batch_dims=1)
     acc = np.einsum("bti,io->bto", np.asarray(codes_x).astype(np.int64), codes_w)
-    want = acc * (np.asarray(step_a) * np.asarray(iv[INTEGER]["step_w"])) + np.asarray(v["params"]["bias"])
+    want = acc * (np.asarray(step_a) * np.asarray(iv[INTEGER]["l"]["step_w"])) + np.asarray(v["params"]["l"]["bias"])
     np.testing.assert_allclose(integer_apply(dense)(iv, x), want, rtol=1e-6, atol=1e-6)
 
 
@@ -88,11 +107,12 @@ def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_f
     model = create_model("lenet5", 10, 1.0)
     x = jax.random.normal(jax.random.key(3), (16, 28, 28, 1))
     v = model.init(jax.random.key(0), x[:1], train=False)
-    quant = make_quant(describe(model, (28, 28, 1)), bits_w=4, bits_a=8)
+    table = describe(model, (28, 28, 1))
+    quant = make_quant(table, bits_w=4, bits_a=8)
     quant["fc3"]["bits_w"] = jnp.float32(32)  # a float layer stays float
     v = {**v, "quant": quant}
-    assert ("fc3",) not in integer_layers(quant) and ("conv1",) in integer_layers(quant)
-    iv = integerize(v)
+    assert integer_layers(table, quant) == [("conv1",), ("conv2",), ("fc1",), ("fc2",)]
+    iv = integerize(table, v)
     assert set(iv[INTEGER]) == {"conv1", "conv2", "fc1", "fc2"}
     got = jax.jit(functools.partial(integer_apply(model), train=False))(iv, x)
     want = jax.jit(functools.partial(make_quantized_apply(model), train=False))(v, x)
@@ -100,9 +120,17 @@ def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_f
     np.testing.assert_array_equal(jnp.argmax(got, -1), jnp.argmax(want, -1))
 
 
-def test_refusals_are_one_line():
-    v = Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))
-    with pytest.raises(ValueError, match="no layer has both bits_w and bits_a in"):
-        integerize(v)
+def test_refusals_are_one_line_and_attention_projections_stay_float():
+    dense = _One(widths=(3,), layer="dense")
+    v, table = dense.init(jax.random.key(0), jnp.ones((1, 4))), describe(dense, (4,))
+    with pytest.raises(ValueError, match="no Conv or Dense layer has both bits_w and bits_a in"):
+        integerize(table, v)
     with pytest.raises(ValueError, match="asymmetric weight grid has no zero-free integer codes"):
-        integerize({**v, "quant": {"bits_w": 8.0, "bits_a": 8.0}}, WeightQuantizer("asymmetric"))
+        integerize(table, _quantized(dense, jnp.ones((1, 4)), 8, 8), WeightQuantizer("asymmetric"))
+    vit = create_model("vit", 10, 0.125)
+    vit_table = describe(vit, (32, 32, 3))
+    paths = ["/".join(p) for p in integer_layers(vit_table, make_quant(vit_table, bits_w=8, bits_a=8))]
+    # the patch embedding and the MLPs run integer; q/k/v/out (DenseGeneral) stay fake-quantized float
+    assert paths[:3] == ["patch_embed", "block0_fc1", "block0_fc2"] and not any("_attn/" in p for p in paths)
+    assert len(paths) == len(vit_table.layers) - 4 * sum(p.endswith("_attn/query") for p in
+                                                         (l.path for l in vit_table.layers))

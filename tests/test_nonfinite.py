@@ -120,26 +120,26 @@ def _stop_training_at(monkeypatch, n: int, stop):
     return lambda: monkeypatch.setattr(loop, "_train_step", original)
 
 
-@pytest.mark.parametrize("stop,resumed_at", [(_Killed, 15), (KeyboardInterrupt, 17)])
-def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch, stop, resumed_at):
+def test_resumed_epoch_reports_metrics_over_all_its_steps(tmp_path, monkeypatch):
     """Stopped after 17 steps and resumed: killed, from the last checkpoint (step 15,
     mid-epoch); interrupted (Ctrl-C), from the checkpoint the interrupt saves at step 17.
     Either way the epoch's metrics line equals an uninterrupted run's."""
     c = _config(1, 5)
     reference = str(tmp_path / "reference")
     jobs.run(c, reference)
-
-    workdir = str(tmp_path / "run")
-    restore_steps = _stop_training_at(monkeypatch, 18, stop)  # after 17 steps
-    with pytest.raises(stop):
+    ref = read_metrics(reference)
+    for stop, resumed_at in ((_Killed, 15), (KeyboardInterrupt, 17)):
+        workdir = str(tmp_path / stop.__name__)
+        restore_steps = _stop_training_at(monkeypatch, 18, stop)  # after 17 steps
+        with pytest.raises(stop):
+            jobs.run(c, workdir)
+        assert max(_steps(os.path.join(workdir, "checkpoints"))) == resumed_at
+        restore_steps()
         jobs.run(c, workdir)
-    assert max(_steps(os.path.join(workdir, "checkpoints"))) == resumed_at
-    restore_steps()
-    jobs.run(c, workdir)
-    got, ref = read_metrics(workdir), read_metrics(reference)
-    assert [m["epoch"] for m in got] == [1] and got[0]["step"] == ref[0]["step"] == SPE
-    assert got[0]["train"] == ref[0]["train"]  # all 38 steps, bit for bit
-    assert got[0]["val"] == ref[0]["val"]
+        got = read_metrics(workdir)
+        assert [m["epoch"] for m in got] == [1] and got[0]["step"] == ref[0]["step"] == SPE
+        assert got[0]["train"] == ref[0]["train"]  # all 38 steps, bit for bit
+        assert got[0]["val"] == ref[0]["val"]
 
 
 def _tiny_job(job: str):

@@ -1,6 +1,6 @@
 """Integer execution of a quantized network: int8 weights and activations, int32 accumulation.
 
-`integerize(variables)` adds an `integer` collection: for every `Conv` / `Dense` whose
+`integerize(table, variables)` adds an `integer` collection: for every `Conv` / `Dense` whose
 weights and input activations are quantized to 2-8 bits, its kernel as int8 codes
 (pruned weights zero) and its per-output-channel (or per-tensor) float32 weight step.
 `integer_apply(model)` is `make_quantized_apply(model)` with those layers executed in
@@ -36,6 +36,7 @@ from jax import lax
 
 from jaxcompress.layers import functional as F
 from jaxcompress.layers import modules as M
+from jaxcompress.models.table import ModelTable
 from jaxcompress.quant.qat import make_quantized_apply, weight_mask
 from jaxcompress.quant.quantizers import WeightQuantizer, uniform_encode
 
@@ -44,21 +45,25 @@ MAX_BITS = 8
 ZERO_POINT = 128  # unsigned activation codes 0..255 shifted into int8
 
 
-def integer_layers(quant: Mapping) -> list[tuple]:
-    """Paths of the layers whose bits_w and bits_a are both in [2, 8] (concrete values)."""
+def integer_layers(table: ModelTable, quant: Mapping) -> list[tuple]:
+    """Paths of `table`'s `Conv` and `Dense` layers (not the attention projections) whose
+    bits_w and bits_a in `quant` are both in [2, 8] (concrete values)."""
     flat = traverse_util.flatten_dict(dict(quant or {}))
     paths = []
-    for key, bits_w in flat.items():
-        bits_a = flat.get(key[:-1] + ("bits_a",))
-        if key[-1] == "bits_w" and bits_a is not None and 2 <= float(bits_w) <= MAX_BITS \
+    for layer in table.layers:
+        path = tuple(layer.path.split("/"))
+        bits_w, bits_a = flat.get(path + ("bits_w",)), flat.get(path + ("bits_a",))
+        plain = layer.kind == "conv" or len(table.kernel_axes(layer)) == 2  # a DenseGeneral's kernel has 3+ axes
+        if plain and bits_w is not None and bits_a is not None and 2 <= float(bits_w) <= MAX_BITS \
                 and 2 <= float(bits_a) <= MAX_BITS:
-            paths.append(key[:-1])
+            paths.append(path)
     return paths
 
 
-def integerize(variables: Mapping, quantizer: WeightQuantizer = WeightQuantizer()) -> dict:
-    """`variables` plus the `integer` collection (int8 `kernel` codes, float32 `step_w`)
-    for every layer `integer_layers` names. Refuses a non-symmetric weight quantizer."""
+def integerize(table: ModelTable, variables: Mapping, quantizer: WeightQuantizer = WeightQuantizer()) -> dict:
+    """`variables` (of `table`'s model) plus the `integer` collection (int8 `kernel` codes,
+    float32 `step_w`) for every layer `integer_layers` names. Refuses a non-symmetric
+    weight quantizer, and variables with no such layer."""
     if quantizer.scheme != "symmetric":
         raise ValueError(f"integerize: the {quantizer.scheme} weight grid has no zero-free integer codes; "
                          f"quantize with WeightQuantizer('symmetric', ...) for integer execution")
@@ -66,7 +71,7 @@ def integerize(variables: Mapping, quantizer: WeightQuantizer = WeightQuantizer(
     flat_m = traverse_util.flatten_dict(dict(variables.get("masks") or {}))
     flat_q = traverse_util.flatten_dict(dict(variables.get("quant") or {}))
     out = {}
-    for path in integer_layers(variables.get("quant")):
+    for path in integer_layers(table, variables.get("quant")):
         kernel = jnp.asarray(flat_p[path + ("kernel",)], jnp.float32)
         mask = weight_mask(flat_m, path, kernel.shape)
         if mask is not None:
@@ -78,8 +83,8 @@ def integerize(variables: Mapping, quantizer: WeightQuantizer = WeightQuantizer(
         out[path + ("kernel",)] = codes.astype(jnp.int8)
         out[path + ("step_w",)] = jnp.broadcast_to(enc["scale"], kernel.shape[-1:]).astype(jnp.float32)
     if not out:
-        raise ValueError("integerize: no layer has both bits_w and bits_a in [2, 8]; set them with make_quant "
-                         "(jaxcompress.quant.policy) before integerizing")
+        raise ValueError("integerize: no Conv or Dense layer has both bits_w and bits_a in [2, 8]; set them with "
+                         "make_quant (jaxcompress.quant.policy) before integerizing")
     return {**variables, INTEGER: traverse_util.unflatten_dict(out)}
 
 

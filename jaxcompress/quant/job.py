@@ -328,10 +328,10 @@ def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer
     accuracy, and its forward latency against the fake-quantized float network's (timed
     in alternation, `latency_batch`; 0: not timed). Empty when no layer can run integer."""
     variables = jax.device_get(state.variables())
-    layers = integer_layers(variables.get("quant")) if quantizer.scheme == "symmetric" else []
+    layers = integer_layers(exp.table, variables.get("quant")) if quantizer.scheme == "symmetric" else []
     if not layers:
         return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={})
-    codes = integerize(variables, quantizer)[INTEGER]
+    codes = integerize(exp.table, variables, quantizer)[INTEGER]
     int_apply = integer_apply(exp.model, quantizer)
 
     def apply(v, *args, **kwargs):
