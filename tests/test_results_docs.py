@@ -131,6 +131,12 @@ def test_targets_are_judged_from_the_summary_and_a_replaced_record_is_kept(tmp_p
     inc = targets.prune_lenet5_mnist(dict(accuracy_dense=0.9928, accuracy_pruned=0.9912, params_removed=0.907,
                                           flops_left=0.193, widths_pruned=[4, 12, 60, 42]))[0]
     assert [t["met"] for t in inc] == [True, True, False] and inc[2]["measured"] == "+0.16"
+    integer = dict(model="resnet20", accuracy_float=0.70, accuracy_quantized=0.6990, accuracy_integer=0.6989,
+                   bytes_original_float32=1089896.0, bytes_quantized=280472.0, latency_batch=128,
+                   latency_s=dict(original=0.200, exported=0.210), latency_integer_s=dict(fake_quant=0.25, integer=0.4))
+    got, table = targets.judge("quant_integer_resnet20", integer)
+    assert [(t["measured"], t["met"]) for t in got] == [("-0.01 points", False), ("0.50x", None)]
+    assert "| ResNet-20 | 70.00% | 69.90% | 69.89% | 1,089,896 -> 280,472 | 200.0 / 250.0 / 400.0 ms | 0.50x" in table
 
     workdir = tmp_path / "run"
     workdir.mkdir()

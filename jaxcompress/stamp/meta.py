@@ -438,12 +438,12 @@ def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, task
             sums, n = None, 0
         if step % checkpoint_every == 0 or step == num_steps:
             check()
-            ckpt.save_tree(step, _tree(state), {"settings": settings})
-            if validation is not None:
+            if validation is not None:  # scored (and kept if best) first: a crash after it redoes the step
                 score = validation.update(step, state.params, settings)
                 writer.write(step, val_query_accuracy=score)
                 logging.info("stamp meta step %d: validation query accuracy %.4f (best %.4f)", step, score,
                              validation.best)
+            ckpt.save_tree(step, _tree(state), {"settings": settings})
             last_saved = step
     check()
     writer.close()
