@@ -12,8 +12,9 @@ from jaxcompress.train import Recipe, loop, setup_experiment
 
 
 def _record_steps(monkeypatch) -> list:
-    """Wraps the jitted training steps `fit` builds: one entry per `fit`, holding the
-    teacher variables of its first call (None: trained without a teacher)."""
+    """Wraps the jitted training steps `fit` builds: one entry per step built (the fits of
+    one experiment with the same settings share one), holding the teacher variables of its
+    first call (None: trained without a teacher) and the number of calls."""
     calls, original = [], loop.S.jit_data_parallel
 
     def jit_data_parallel(step_fn, mesh, donate=True, replicated_args=0):
@@ -40,9 +41,10 @@ def test_prune_job_fine_tunes_distil_from_the_reference(tmp_path, monkeypatch):
     c.train.distill_weight = 0.5
     workdir = str(tmp_path / "run")
     summary = jobs.run(c, workdir)
-    # pretraining the reference has no teacher; the gradual step's and the shrunk network's fine-tunes have it
-    assert [e["teacher"] is None for e in calls] == [True, False, False]
-    assert all(e["steps"] > 0 for e in calls)
+    # pretraining the reference (1 epoch) has no teacher; the gradual step's and the shrunk
+    # network's fine-tunes (1 epoch each) share one jitted step (`Experiment.shared`), with it
+    assert [e["teacher"] is None for e in calls] == [True, False]
+    assert calls[1]["steps"] == 2 * calls[0]["steps"] > 0
     reference = loop.load_trained(setup_experiment(c), f"{workdir}/pretrain", Recipe.from_config(c))
     for entry in calls[1:]:
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(entry["teacher"]["params"]), reference.params)

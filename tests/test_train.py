@@ -562,3 +562,26 @@ def test_corrupt_checkpoint_raises_checkpoint_error(saved_lenet5, tmp_path, how)
             f.write(b"{not json")
     _one_line_checkpoint_error(directory, _template_like(state))
     gc.collect()  # Orbax's abandoned read coroutines (module comment)
+
+
+def test_fits_and_evaluations_of_one_experiment_compile_each_step_once(tmp_path):
+    """Two fits of the same network (a gradual-pruning step's pattern) and the evaluations
+    around them reuse one jitted train step and one eval step: one compiled program each
+    (`Experiment.compiled`); a fit with other static settings gets its own."""
+    from configs import quickstart
+    from jaxcompress.train import Recipe, fit, make_optimizer, setup_experiment
+    from jaxcompress.train.loop import make_eval_fn
+    c = quickstart.get_config()
+    c.data.image_size = 8
+    c.model.name = "lenet300_100"
+    exp = setup_experiment(c)
+    recipe = Recipe(num_epochs=1, learning_rate=0.05, batch_size=256, eval_batch_size=400)
+    state = create_train_state(exp.model, make_optimizer(recipe, 1), exp.input_shape, 0)
+    state, _ = fit(state, exp, recipe, str(tmp_path / "a"))
+    state, _ = fit(state, exp, recipe, str(tmp_path / "b"))  # same shapes and settings
+    make_eval_fn(exp, recipe.eval_batch_size)(state, exp.test)
+    steps = {k[0]: f for k, f in exp.steps.items() if k[0] != "optimizer"}
+    assert sorted(steps) == ["eval", "train"] and len(exp.steps) == 3
+    assert all(f._cache_size() == 1 for f in steps.values()), {k: f._cache_size() for k, f in steps.items()}
+    fit(state, exp, recipe.replace(label_smoothing=0.1, learning_rate=0.01), str(tmp_path / "c"))
+    assert len(exp.steps) == 5  # another train step and another optimiser

@@ -40,10 +40,21 @@ class Experiment:
     model: object
     table: ModelTable
     mesh: jax.sharding.Mesh
+    # The jitted steps (and optimisers) built for this data and mesh, by their static
+    # settings (`shared`): every `fit` / evaluation of the experiment, and of its
+    # `dataclasses.replace` copies (a shrunk model: they share this dict), reuses them, so a
+    # program of the same shapes and settings is compiled once per run.
+    steps: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train[0].shape[1:])
+
+    def shared(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()` (a jitted step, an optimiser), made once per `key` (its static settings)."""
+        if key not in self.steps:
+            self.steps[key] = build()
+        return self.steps[key]
 
 
 def check_batches(config, num_devices: int) -> None:

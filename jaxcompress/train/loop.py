@@ -28,7 +28,7 @@ from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
 from jaxcompress.train.experiment import Experiment, Teacher, setup_experiment
 from jaxcompress.train.metrics import MetricWriter, write_json
-from jaxcompress.train.optim import learning_rate_schedule, make_optimizer
+from jaxcompress.train.optim import OPTIMIZER_FIELDS, learning_rate_schedule, make_optimizer
 from jaxcompress.train.recipe import Recipe
 from jaxcompress.train.state import TrainState, create_train_state
 
@@ -46,9 +46,11 @@ def evaluate_split(eval_step, state: TrainState, x, y, batch_size: int, mesh) ->
 
 
 def make_eval_fn(exp: Experiment, batch_size: int):
-    step = jax.jit(S.make_eval_step(exp.mean, exp.std),
-                   in_shardings=(S.replicated(exp.mesh), S.batch_sharded(exp.mesh)),
-                   out_shardings=S.replicated(exp.mesh))
+    """`evaluate(state, (x, y)) -> {"loss", "accuracy"}`, data-parallel over `exp.mesh`; the
+    jitted step is the experiment's one (`Experiment.shared`)."""
+    step = exp.shared(("eval",), lambda: jax.jit(S.make_eval_step(exp.mean, exp.std),
+                                                   in_shardings=(S.replicated(exp.mesh), S.batch_sharded(exp.mesh)),
+                                                   out_shardings=S.replicated(exp.mesh)))
     return lambda state, split: evaluate_split(step, state, *split, batch_size, exp.mesh)
 
 
@@ -95,7 +97,10 @@ def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, tea
     it = BatchIterator(*exp.train, batch_size=recipe.batch_size, seed=recipe.seed, process_index=process_index,
                        process_count=process_count)  # this process's rows of each global batch
     spe = it.steps_per_epoch
-    tx = make_optimizer(recipe, spe)
+    # one optimiser object per settings: it is static in the state, so an equal one keeps the
+    # jitted steps' compiled programs (a new object would recompile them)
+    tx = exp.shared(("optimizer", spe) + tuple(getattr(recipe, f) for f in OPTIMIZER_FIELDS),
+                    lambda: make_optimizer(recipe, spe))
     state = state.replace(step=jnp.zeros((), jnp.int32), tx=tx, opt_state=tx.init(state.params))
     with Checkpointer(os.path.join(workdir, "checkpoints"), recipe.max_to_keep) as ckpt, \
             Checkpointer(os.path.join(workdir, "best"), 1) as best_ckpt:
@@ -250,10 +255,14 @@ def _train_step(exp: Experiment, recipe: Recipe, teacher: Teacher | None):
         logging.info("distilling from the reference network (weight %g, temperature %g)", recipe.distill_weight,
                      recipe.distill_temperature)
         teacher_args = (jax.device_put(teacher.variables, S.replicated(exp.mesh)),)
-    step_fn = S.with_finite_check(S.make_train_step(exp.mean, exp.std, recipe.augment, recipe.label_smoothing,
-                                                    teacher.apply_fn if teacher else None, recipe.distill_weight,
-                                                    recipe.distill_temperature))
-    return S.jit_data_parallel(step_fn, exp.mesh, replicated_args=len(teacher_args)), teacher_args
+    teacher_fn = teacher.apply_fn if teacher else None
+    settings = (recipe.augment, recipe.label_smoothing, teacher_fn, recipe.distill_weight, recipe.distill_temperature)
+
+    def build():
+        step_fn = S.with_finite_check(S.make_train_step(exp.mean, exp.std, *settings))
+        return S.jit_data_parallel(step_fn, exp.mesh, replicated_args=len(teacher_args))
+
+    return exp.shared(("train",) + settings, build), teacher_args
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

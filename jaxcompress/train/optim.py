@@ -6,6 +6,9 @@ import optax
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
+# every field of a config / `Recipe` that `make_optimizer` reads (with the steps per epoch)
+OPTIMIZER_FIELDS = ("optimizer", "learning_rate", "momentum", "nesterov", "weight_decay", "schedule", "num_epochs",
+                    "warmup_epochs", "decay_epochs", "decay_factor")
 
 
 def learning_rate_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
