@@ -177,9 +177,10 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoints(tmp_path):
     cmd = [sys.executable, "-m", "launch.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
            "--config.job=train", "--config.train.num_epochs=30", "--config.train.batch_size=32",
            "--config.checkpoint.every_steps=5", "--config.hardware.latency_batch=0"]
-    # started with SIGINT ignored, as `cmd &` in a script (CI) or nohup starts it: the CLI must re-arm Ctrl-C
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # started with SIGINT ignored, as `cmd &` in a script (CI) or nohup starts it: the CLI must re-arm
+    # Ctrl-C. The shell's `trap '' INT` is inherited through exec (no preexec_fn: no fork of this process)
+    cmd = ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *cmd]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while not _steps(os.path.join(workdir, "checkpoints")) and time.time() < deadline and proc.poll() is None:

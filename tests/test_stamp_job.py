@@ -57,7 +57,7 @@ def stamp_config():
     c = default.get_config()
     c.job, c.model.name = "stamp", "lenet5"
     c.data.name, c.data.image_size = "digits", 28
-    c.train.num_epochs, c.train.batch_size, c.train.eval_batch_size = 3, 32, 200
+    c.train.num_epochs, c.train.batch_size, c.train.eval_batch_size = 2, 32, 200
     c.train.learning_rate = 0.05
     c.hardware.latency_batch = 16
     s = c.stamp
