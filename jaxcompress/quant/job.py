@@ -19,7 +19,8 @@ Writes `summary.json` (accuracies float / PTQ / QAT / exported, bytes by the
 accounting and of the file, output agreement of the loaded model), `model.npz` (the
 packed network), `policy.json` (the bits used, in the policy-file format) and
 `bits.png`, and `model.stablehlo` (the loaded network as serialized StableHLO, uint8
-images in, runnable with plain `jax.export`; `jaxcompress.stablehlo`). An interrupted QAT resumes from `<workdir>/qat/checkpoints`.
+images in, runnable with plain `jax.export`; `jaxcompress.stablehlo`). An interrupted
+QAT resumes from `<workdir>/qat/checkpoints`.
 
 The stages, each a function of the job's module: `float_network`, `choose_bits`,
 `post_training_quantize` (`quant.qat.quantize_state`), `quantization_aware_training`
