@@ -161,7 +161,9 @@ SCHEMA = Section(
         qat_epochs=epochs(3), qat_learning_rate=rate(0.01),
         index_bits_conv=Int(8, lo=1, hi=16),
         index_bits_dense=Int(5, lo=1, hi=16),  # CSR relative-index bits (Deep Compression)
-        verify_batch=Int(256, lo=1)),  # test images on which the loaded model must equal the fake-quant one
+        verify_batch=Int(256, lo=1),  # test images on which the loaded model must equal the fake-quant one
+        integer_check=Bool(True)),  # also run the network in integers on the whole test split and time it
+        # (int8 x int8 -> int32, jaxcompress.quant.integer: accuracy_integer, latency_integer_s); False: skip
 
     # job "search" (jaxcompress.rl.job): two-stage RL search (pruning rates, then bits), Zhan et al. 2021
     search=Section(

@@ -29,6 +29,7 @@ from jaxcompress.distributed import is_primary
 from jaxcompress.timing import forward_latencies, interleaved_medians
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
+from jaxcompress.storage import canonical_json, sha256_hex
 
 
 def device_key() -> str:
@@ -75,7 +76,7 @@ def _layer_fn(key):
 def _body_sha256(body: dict) -> str:
     """sha256 of the canonical JSON of a table's device, entries and fits (floats
     round-trip exactly through JSON, so a loaded table hashes to the saved value)."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_hex(canonical_json(body))
 
 
 def _table_problem(data) -> str | None:

@@ -19,7 +19,6 @@ guarantees (jax.export docs), unlike a pickled Flax model, and is what serving s
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -28,16 +27,13 @@ import jax.numpy as jnp
 from jax import export
 
 from jaxcompress.data.transforms import normalize
+from jaxcompress.storage import sha256_hex
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
 class StableHLOFileError(ValueError):
     """A StableHLO file that is missing, damaged or not one."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def export_stablehlo(path: str, apply_fn: Callable, variables: Mapping, input_shape: Sequence[int], *,
@@ -61,7 +57,7 @@ def export_stablehlo(path: str, apply_fn: Callable, variables: Mapping, input_sh
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
-    digest = _sha256(data)
+    digest = sha256_hex(data)
     with open(path + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
     return {"path": path, "bytes": len(data), "sha256": digest, "platforms": list(platforms),
@@ -79,7 +75,7 @@ def load_stablehlo(path: str) -> export.Exported:
     if os.path.isfile(sidecar):
         with open(sidecar) as f:
             expected = f.read().split()[:1]
-        if expected != [_sha256(data)]:
+        if expected != [sha256_hex(data)]:
             raise StableHLOFileError(f"{path} does not match its checksum in {sidecar}: the file is damaged; "
                                      f"export it again")
     try:

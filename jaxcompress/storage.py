@@ -23,10 +23,16 @@ accounts bytes this way.
 Below `jaxcompress.cost` (whose `summarize` counts bytes with `table_layer_storage`)
 and outside `jaxcompress.quant`, whose package imports `cost` (`quant.budget`);
 `jaxcompress.quant.size` and `jaxcompress.quant.quantizers` re-export these names.
+
+The checksums of what the library stores (`sha256_hex`, `file_sha256`, `canonical_json`)
+live here too: the packed file's payload and metadata, the StableHLO file's sidecar and
+the checkpoint manifests all use them.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from typing import Mapping
 
@@ -198,3 +204,27 @@ def table_layer_storage(table, layer, num_weights: int, cout: int, flat_masks: M
     return layer_storage(int(round(num_weights)), int(round(cout)), bits_w, quantizer, keep_flat=keep_flat,
                          index_bits=int(index_bits[layer.kind]), use_bias=layer.use_bias,
                          activation_range=has_range)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checksums
+# ------------------------------------------------------------------------------------------------
+
+def sha256_hex(data) -> str:
+    """The hex sha256 of `data` (bytes, or any contiguous buffer)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of the file at `path`, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical_json(obj) -> bytes:
+    """`obj` as canonical JSON bytes (sorted keys, no white space, ASCII): what a checksum of a
+    JSON document is taken of, so that it does not depend on key order or formatting."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()

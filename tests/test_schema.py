@@ -66,7 +66,7 @@ FROZEN_DEFAULTS = {
               'min_bits_w': ('int', 2), 'first_last_min_bits': ('int', 8),
               'sensitivity_bits': ('tuple', (2, 3, 4, 5, 6, 7, 8)), 'sensitivity_examples': ('int', 1000),
               'qat_epochs': ('int', 3), 'qat_learning_rate': ('float', 0.01), 'index_bits_conv': ('int', 8),
-              'index_bits_dense': ('int', 5), 'verify_batch': ('int', 256)},
+              'index_bits_dense': ('int', 5), 'verify_batch': ('int', 256), 'integer_check': ('bool', True)},
     'search': {'checkpoint': ('str', ''), 'agent': ('str', 'ppo'), 'num_actors': ('int', 16),
                'episodes': ('int', 400), 'flops_budget': ('float', 0.5), 'params_budget': ('float', 0.0),
                'latency_budget': ('float', 0.0), 'a_min': ('float', 0.0), 'a_max': ('float', 0.8),

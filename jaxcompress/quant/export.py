@@ -25,7 +25,6 @@ packs mixed bit widths with relative indices.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Mapping
@@ -39,6 +38,7 @@ from flax import traverse_util
 from jaxcompress.models import create_model
 from jaxcompress.quant import pack, size
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer, decode_weight, encode_weight
+from jaxcompress.storage import canonical_json, sha256_hex
 
 EXPORT_FORMAT = "jaxcompress.packed/1"
 
@@ -49,7 +49,7 @@ class PackedFileError(ValueError):
 
 def _meta_sha256(meta: Mapping) -> str:
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_hex(canonical_json(body))
 
 # One compiled program per layer shape (instead of one per primitive and shape, eagerly).
 _encode = jax.jit(encode_weight, static_argnames=("quantizer",))
@@ -225,7 +225,7 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
                 input_mean=None if input_mean is None else np.asarray(input_mean, np.float64).tolist(),
                 input_std=None if input_std is None else np.asarray(input_std, np.float64).tolist(),
                 weight_quantizer=quantizer.to_dict(), layers=records, norms=norms, payload_bytes=int(data.size),
-                payload_sha256=hashlib.sha256(data.tobytes()).hexdigest())
+                payload_sha256=sha256_hex(data.tobytes()))
     meta["meta_sha256"] = _meta_sha256(meta)
     meta_bytes = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -259,7 +259,7 @@ def read_packed(path: str) -> tuple[np.ndarray, dict]:
     if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
         raise PackedFileError(f"{path} is corrupt: its metadata does not match its sha256; export it again")
     if "payload_sha256" in meta and (payload.dtype != np.uint8 or payload.ndim != 1
-                                     or hashlib.sha256(payload.tobytes()).hexdigest() != meta["payload_sha256"]):
+                                     or sha256_hex(payload.tobytes()) != meta["payload_sha256"]):
         raise PackedFileError(f"{path} is corrupt: its payload does not match its sha256; export it again")
     return payload, meta
 

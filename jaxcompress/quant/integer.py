@@ -38,7 +38,7 @@ from jaxcompress.layers import functional as F
 from jaxcompress.layers import modules as M
 from jaxcompress.models.table import ModelTable
 from jaxcompress.quant.qat import make_quantized_apply, weight_mask
-from jaxcompress.quant.quantizers import WeightQuantizer, uniform_encode
+from jaxcompress.quant.quantizers import WeightQuantizer, half_range, uniform_encode
 
 INTEGER = "integer"
 MAX_BITS = 8
@@ -78,7 +78,7 @@ def integerize(table: ModelTable, variables: Mapping, quantizer: WeightQuantizer
             kernel = kernel * mask
         bits = flat_q[path + ("bits_w",)]
         enc = uniform_encode(kernel, bits, "symmetric", quantizer.granularity, mask)
-        half = jnp.round(2.0 ** (jnp.asarray(bits, jnp.float32) - 1) - 1)
+        half = half_range(bits)
         codes = enc["codes"] - half if mask is None else (enc["codes"] - half) * mask
         out[path + ("kernel",)] = codes.astype(jnp.int8)
         out[path + ("step_w",)] = jnp.broadcast_to(enc["scale"], kernel.shape[-1:]).astype(jnp.float32)

@@ -24,7 +24,8 @@ QAT resumes from `<workdir>/qat/checkpoints`.
 
 The stages, each a function of the job's module: `float_network`, `choose_bits`,
 `post_training_quantize` (`quant.qat.quantize_state`), `quantization_aware_training`
-(`quant.qat.train_qat`), `export_and_verify`, `quantize_summary` and `write_outputs`.
+(`quant.qat.train_qat`), `export_and_verify` (with `verify_stablehlo`), `integer_check`
+(`quant.integer_check`), `quantize_summary` and `write_outputs`.
 """
 from __future__ import annotations
 
@@ -283,8 +284,8 @@ def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *
     payload against the exact size accounting, its test accuracy. Returns {"accounting":
     `cost.summarize` of the quantized network, "exported": `export_packed`'s record,
     "agreement": `compare_outputs`', "outputs_match", "payload_equals_accounting",
-    "accuracy": the loaded network's test accuracy, "model": the loaded model,
-    "export_time_s"}."""
+    "accuracy": the loaded network's test accuracy, "stablehlo": `verify_stablehlo`'s
+    record, "model": the loaded model, "export_time_s"}."""
     # Host copies: `state` may be replicated over a mesh (after `fit`), and the program XLA
     # compiles for 8 devices can round an activation code differently from the one-device
     # program the loaded network runs; both sides of the check run on one device.
@@ -301,7 +302,7 @@ def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *
     x_check = jnp.asarray(normalize(exp.test[0][:verify_batch], exp.mean, exp.std))
     agreement = compare_outputs(state.apply_fn, folded, loaded_model.apply, loaded_vars, x_check)
     accuracy = evaluate(_eval_state(loaded_model, loaded_vars, exp.input_shape, seed), exp.test)["accuracy"]
-    stablehlo = stablehlo_export(os.path.splitext(path)[0] + ".stablehlo", loaded_model, loaded_vars, exp,
+    stablehlo = verify_stablehlo(os.path.splitext(path)[0] + ".stablehlo", loaded_model, loaded_vars, exp,
                                  verify_batch)
     return dict(accounting=accounting, exported=exported, agreement=agreement, accuracy=accuracy, stablehlo=stablehlo,
                 outputs_match=agreement["max_abs_diff"] <= 1e-5 * max(1.0, agreement["max_abs_output"]),
@@ -309,10 +310,11 @@ def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *
                 model=loaded_model, export_time_s=export_time)
 
 
-def stablehlo_export(path: str, model, variables, exp: Experiment, verify_batch: int) -> dict:
-    """The loaded network as StableHLO (`jaxcompress.stablehlo`, uint8 images in), read back
-    with plain `jax.export` and run on the first `verify_batch` test images: its record
-    plus "max_abs_diff" / "argmax_agreement" against the loaded network."""
+def verify_stablehlo(path: str, model, variables, exp: Experiment, verify_batch: int) -> dict:
+    """The loaded network exported as StableHLO to `path` (`jaxcompress.stablehlo`, uint8
+    images in), read back with plain `jax.export` and run on the first `verify_batch` test
+    images: the export's record plus "max_abs_diff" / "argmax_agreement" against the
+    loaded network."""
     apply = functools.partial(model.apply, train=False)
     record = export_stablehlo(path, apply, variables, exp.input_shape, input_mean=exp.mean, input_std=exp.std)
     images = exp.test[0][:verify_batch]
@@ -324,14 +326,15 @@ def stablehlo_export(path: str, model, variables, exp: Experiment, verify_batch:
 
 def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer, evaluate,
                   latency_batch: int) -> dict:
-    """Stage 5b: the quantized network `state` executed in integers (`quant.integer`: int8
-    x int8 -> int32 wherever bits_w and bits_a are 2-8, symmetric weights): its test
-    accuracy, and its forward latency against the fake-quantized float network's (timed
-    in alternation, `latency_batch`; 0: not timed). Empty when no layer can run integer."""
+    """Stage 5b (`quant.integer_check`, on by default): the quantized network `state`
+    executed in integers (`jaxcompress.quant.integer`: int8 x int8 -> int32 wherever bits_w
+    and bits_a are 2-8, symmetric weights): its test accuracy, and its forward latency
+    against the fake-quantized float network's (timed in alternation, `latency_batch`; 0:
+    not timed). `no_integer_check()` when no layer can run integer."""
     variables = jax.device_get(state.variables())
     layers = integer_layers(exp.table, variables.get("quant")) if quantizer.scheme == "symmetric" else []
     if not layers:
-        return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={})
+        return no_integer_check()
     codes = integerize(exp.table, variables, quantizer)[INTEGER]
     int_apply = integer_apply(exp.model, quantizer)
 
@@ -343,6 +346,12 @@ def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer
     return dict(integer_layers=["/".join(p) for p in layers],
                 accuracy_integer=evaluate(state.replace(apply_fn=apply), exp.test)["accuracy"],
                 latency_integer_s=latency)
+
+
+def no_integer_check() -> dict:
+    """`integer_check`'s summary fields when no layer runs in integers (none can, or
+    `quant.integer_check` is False)."""
+    return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +385,8 @@ def quantize(config, workdir: str) -> dict:
     check = export_and_verify(os.path.join(workdir, "model.npz"), exp, state, evaluate, model_name=config.model.name,
                               quantizer=qrecipe.quantizer, index_bits=index_bits, verify_batch=q.verify_batch,
                               seed=config.seed)
-    fields.update(integer_check(exp, state, qrecipe.quantizer, evaluate, config.hardware.latency_batch))
+    fields.update(integer_check(exp, state, qrecipe.quantizer, evaluate, config.hardware.latency_batch)
+                  if q.integer_check else no_integer_check())
     summary = quantize_summary(config, exp, dense_table, qrecipe.quantizer, bits_w, bits_a, fields, check)
     summary["wall_time_s"] = time.time() - wall_start
     write_outputs(workdir, summary, exp.table, check)

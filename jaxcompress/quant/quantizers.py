@@ -73,6 +73,12 @@ def _table(values: np.ndarray, bits):
     return jnp.asarray(values)[idx]
 
 
+def half_range(bits) -> jax.Array:
+    """2^(b-1) - 1 (at least 1) for `bits` b, float32: the code of zero on the symmetric
+    grid, so that its codes minus it are the signed integers in [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+    return _table(_HALF, bits)
+
+
 # ------------------------------------------------------------------------------------------------
 # Uniform quantization
 # ------------------------------------------------------------------------------------------------
@@ -96,7 +102,7 @@ def uniform_encode(w: jax.Array, bits, scheme: str = "symmetric", granularity: s
         inv_step = 1.0 / step
         binary = jnp.asarray(bits) <= 1
         xc = jnp.clip(w, -w_max, w_max)
-        codes = jnp.where(binary, (xc >= 0).astype(jnp.float32), jnp.round(xc * inv_step) + _table(_HALF, bits))
+        codes = jnp.where(binary, (xc >= 0).astype(jnp.float32), jnp.round(xc * inv_step) + half_range(bits))
         return {"codes": codes, "scale": jnp.where(binary, w_max, step)}
     if scheme == "asymmetric":
         lo = jnp.minimum(jnp.min(jnp.where(valid, w, jnp.inf), axis=axes), 0.0)
@@ -116,7 +122,7 @@ def uniform_decode(codes, bits, scale, zero_point=None) -> jax.Array:
     scale = jnp.asarray(scale, jnp.float32)
     if zero_point is not None:
         return (codes - jnp.asarray(zero_point, jnp.float32)) * scale
-    return jnp.where(jnp.asarray(bits) <= 1, (2.0 * codes - 1.0) * scale, (codes - _table(_HALF, bits)) * scale)
+    return jnp.where(jnp.asarray(bits) <= 1, (2.0 * codes - 1.0) * scale, (codes - half_range(bits)) * scale)
 
 
 # ------------------------------------------------------------------------------------------------

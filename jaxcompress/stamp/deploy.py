@@ -16,6 +16,7 @@ pretrained network fine-tuned (accuracy / time reference).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -45,6 +46,13 @@ def sample_set(x, y, size: int, seed: int):
     return x[idx], np.asarray(y[idx], np.int32)
 
 
+@functools.lru_cache(maxsize=8)
+def _keep_probabilities_fn(stamp):
+    """`stamp.keep_probabilities`, jitted once per Stamp (cached on its identity), so that the
+    target sets of one deployment (`stamp_masks` per set) share one compiled forward pass."""
+    return jax.jit(stamp.keep_probabilities)
+
+
 def stamp_masks(stamp, meta_params, set_inputs, set_labels, *, mode: str, threshold: float,
                 budget: float, metric: str, multiple: int | None = 1, set_images=None
                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -53,7 +61,7 @@ def stamp_masks(stamp, meta_params, set_inputs, set_labels, *, mode: str, thresh
     `keep_counts` keeps that many channels of each group, the highest E[pi] (its
     straight-through top-k at test time); otherwise `hard_group_masks` (mode, budget)."""
     images = None if set_images is None else jnp.asarray(set_images)
-    probs = jax.jit(stamp.keep_probabilities)(meta_params, jnp.asarray(set_inputs), jnp.asarray(set_labels), images)
+    probs = _keep_probabilities_fn(stamp)(meta_params, jnp.asarray(set_inputs), jnp.asarray(set_labels), images)
     probs = [np.asarray(p) for p in probs]
     if stamp.keep_counts is not None:
         return [np.asarray(m) for m in C.masks_from_scores(probs, stamp.keep_counts)], probs

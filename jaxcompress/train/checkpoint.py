@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import logging as py_logging
 import os
@@ -38,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxcompress.storage import canonical_json, file_sha256, sha256_hex
 from jaxcompress.train.state import TrainState
 
 _FIELDS = ("step", "params", "batch_stats", "masks", "quant", "opt_state", "rng")
@@ -60,18 +60,6 @@ def state_tree(state: TrainState) -> dict:
 # Checksum manifests
 # ------------------------------------------------------------------------------------------------
 
-def _canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _step_files(step_dir: str) -> list[str]:
     """Every file under `step_dir` (relative, '/'-separated, sorted), the manifest excluded."""
     out = []
@@ -92,7 +80,7 @@ def write_manifest(step_dir: str) -> None:
     body = {"format": MANIFEST_FORMAT, "files": files}
     path = os.path.join(step_dir, MANIFEST)
     with open(f"{path}.tmp", "wb") as f:
-        f.write(_canonical({"body": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}))
+        f.write(canonical_json({"body": body, "sha256": sha256_hex(canonical_json(body))}))
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
@@ -110,7 +98,7 @@ def verify_manifest(step_dir: str) -> str | None:
             raw = f.read()
         doc = json.loads(raw)
         body = doc["body"]
-        if (raw != _canonical(doc) or doc["sha256"] != hashlib.sha256(_canonical(body)).hexdigest()
+        if (raw != canonical_json(doc) or doc["sha256"] != sha256_hex(canonical_json(body))
                 or body["format"] != MANIFEST_FORMAT):
             return damaged
         files = body["files"]
