@@ -11,6 +11,9 @@ one uniform ratio for every channel group, on the CPU:
   residual stream; the first conv of a block for an inner width). Kept per group:
   round(width * keep ratio); the largest keep ratio meeting the budget is found by
   bisection on `jaxcompress.cost.count`.
+  With `bench.allocations` also "latency": the per-group widths within the same MACs
+  budget that this device's measured layer table rates fastest
+  (`jaxcompress.pruning.allocate.latency_counts`), one more jaxcompress column.
 * Torch-Pruning (`benchmarks/peer_torch_pruning.py`, run with `bench.torch_python`,
   an interpreter of its own environment: jaxcompress does not depend on torch):
   `tp.pruner.MetaPruner` + `tp.importance.MagnitudeImportance(p=1)`, `global_pruning=False`,
@@ -28,8 +31,8 @@ ratio searches are reported apart): jaxcompress `describe` + scores + masks + `s
 Torch-Pruning `MetaPruner(...)` (dependency-graph build, a traced forward) + `step()`.
 Both are timed on a fresh copy of the dense network `bench.prune_repeats` times (first
 call, and median of the others). Latency: batch `bench.batch_size` inference, dense vs
-pruned, interleaved rounds, medians; jaxcompress jitted (XLA), PyTorch eager under
-`torch.no_grad()` with `torch.set_num_threads(all cores)`.
+pruned, interleaved rounds, medians; jaxcompress jitted (XLA, NHWC), PyTorch eager under
+`torch.no_grad()` with `torch.set_num_threads(all cores)`, in NCHW and in channels_last.
 
 Weights are random (latency and pruning time do not depend on trained values): the
 jaxcompress initialisation (seed `bench.seed`), handed to the PyTorch network by
@@ -55,6 +58,7 @@ from jaxcompress.timing import forward_latencies
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
+from jaxcompress.pruning.allocate import device_latency_counts
 from jaxcompress.pruning.surgery import shrink, without_masks
 from jaxcompress.train.metrics import write_json
 
@@ -62,6 +66,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_torch_pr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = "python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 torch-pruning"
 PEER_MODELS = ("resnet20", "resnet56", "resnet110")
+ALLOCATIONS = ("uniform", "latency")
 
 
 def torch_interpreter(path: str) -> str:
@@ -85,6 +90,9 @@ def check_bench(b) -> None:
     for key in ("batch_size", "rounds", "prune_repeats"):
         if int(b[key]) < 1:
             raise ConfigError(f"bench.{key} must be >= 1, got {b[key]}")
+    unknown = [a for a in b.allocations if a not in ALLOCATIONS]
+    if unknown or not b.allocations:
+        raise ConfigError(f"bench.allocations {tuple(b.allocations)}: choose one or more of {', '.join(ALLOCATIONS)}")
     if b.scope not in C.SCOPES:
         raise ConfigError(f"unknown prune scope '{b.scope}'; choose one of {', '.join(C.SCOPES)}")
 
@@ -117,19 +125,19 @@ def torch_state_dict(variables) -> dict[str, np.ndarray]:
     return out
 
 
-def prune_call(model, shape, variables, keep_ratio: float, scope: str, multiple: int):
-    """The timed jaxcompress pruning call: layer table, L1 scores + masks, surgery.
+def prune_call(model, shape, variables, counts):
+    """The timed jaxcompress pruning call: layer table, L1 scores + masks to `counts`, surgery.
 
-    Returns `(small_model, small_variables, counts, table, {"analysis": s, "prune": s})`.
+    Returns `(small_model, small_variables, table, {"analysis": s, "prune": s})`.
     """
     t0 = time.perf_counter()
     table = describe(model, shape)
     t1 = time.perf_counter()
-    counts, masks = speedup.l1_masks(table, variables, keep_ratio, scope, multiple)
+    masks = speedup.l1_masks(table, variables, counts)
     small_model, small_vars = shrink(table, {**variables, "masks": masks})
     jax.block_until_ready(small_vars)
     t2 = time.perf_counter()
-    return small_model, small_vars, counts, table, dict(analysis=t1 - t0, prune=t2 - t1)
+    return small_model, small_vars, table, dict(analysis=t1 - t0, prune=t2 - t1)
 
 
 def _first_and_median(values):
@@ -137,9 +145,21 @@ def _first_and_median(values):
     return values[0], statistics.median(rest)
 
 
+def allocate_counts(table, allocation: str, flops_budget: float, groups, multiple, batch: int) -> tuple[list, str]:
+    """Kept channels per group within `flops_budget` of the MACs, and how they were chosen:
+    "uniform" (the largest uniform keep ratio, bisection) or "latency" (per-group widths
+    that this device's measured layer table rates fastest at `batch`,
+    `jaxcompress.pruning.allocate`)."""
+    if allocation == "latency":
+        return device_latency_counts(table, flops_budget, groups, multiple, batch), "latency allocation"
+    ratio = C.keep_ratio_for_flops(table, flops_budget, groups, multiple)
+    return C.keep_counts(table, ratio, groups, multiple), f"uniform keep ratio {ratio:.4f}"
+
+
 def jaxcompress_side(name: str, flops_budget: float, scope: str = "all", multiple: int = 1, repeats: int = 3,
-                     seed: int = 0, variables=None) -> tuple[dict, dict]:
-    """Prunes `name` to `flops_budget` of its MACs with jaxcompress (no latency).
+                     seed: int = 0, variables=None, allocation: str = "uniform", batch: int = 128) -> tuple[dict, dict]:
+    """Prunes `name` to `flops_budget` of its MACs with jaxcompress (no latency), the kept
+    counts chosen by `allocation` (`allocate_counts`).
 
     Returns `(result, nets)`: the figures, and `{"dense": (model, variables), "pruned": ...}`
     (variables without masks) for timing. `variables` defaults to a fresh init (`seed`).
@@ -152,11 +172,11 @@ def jaxcompress_side(name: str, flops_budget: float, scope: str = "all", multipl
         table = describe(model, shape)
     t0 = time.perf_counter()
     groups = C.prunable_groups(table, scope)
-    keep_ratio = C.keep_ratio_for_flops(table, flops_budget, groups, multiple)
+    counts, how = allocate_counts(table, allocation, flops_budget, groups, multiple, batch)
     search_seconds = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
-        small_model, small_vars, counts, _, t = prune_call(model, shape, variables, keep_ratio, scope, multiple)
+        small_model, small_vars, _, t = prune_call(model, shape, variables, counts)
         times.append(t)
     dense, pruned = cost.count(table), cost.count(table, counts)
     leaves = lambda v: int(sum(np.size(x) for x in jax.tree.leaves(v["params"])))
@@ -164,11 +184,11 @@ def jaxcompress_side(name: str, flops_budget: float, scope: str = "all", multipl
     first, median = _first_and_median(totals)
     a_first, a_median = _first_and_median([t["analysis"] for t in times])
     p_first, p_median = _first_and_median([t["prune"] for t in times])
+    kept = sum(counts[g] for g in groups) / sum(table.widths[g] for g in groups)
     result = dict(
-        library="jaxcompress", jax_version=jax.__version__, model=name,
-        method=f"describe + channel_scores(l1) + keep_counts + masks_from_scores + shrink, scope={scope}, "
-               f"uniform keep ratio",
-        scope=scope, groups_pruned=len(groups), keep_ratio=keep_ratio, pruning_ratio=1.0 - keep_ratio,
+        library="jaxcompress", jax_version=jax.__version__, model=name, allocation=allocation,
+        method=f"describe + channel_scores(l1) + masks_from_scores + shrink, scope={scope}, {how}",
+        scope=scope, groups_pruned=len(groups), keep_ratio=kept, pruning_ratio=1.0 - kept,
         flops_budget=flops_budget,
         macs_dense=int(dense["macs"]), macs_pruned=int(pruned["macs"]),
         macs_fraction=float(pruned["macs"] / dense["macs"]),
@@ -208,18 +228,29 @@ ROWS = [  # (label, key or function of a side's result)
     ("pruning call, median of repeats (s)", lambda r: f"{r['prune_seconds']['median']:.3f}"),
     ("  of which graph/table analysis (s)", lambda r: f"{r['prune_seconds']['build_median']:.3f}"),
     ("  of which scores + removal (s)", lambda r: f"{r['prune_seconds']['step_median']:.3f}"),
-    ("latency dense (ms, batch {b})", lambda r: f"{r['latency_ms']['dense']:.1f}"),
-    ("latency pruned (ms, batch {b})", lambda r: f"{r['latency_ms']['pruned']:.1f}"),
-    ("latency ratio pruned/dense", lambda r: f"{r['latency_ratio']:.3f}"),
+    ("latency dense (ms, batch {b}; PyTorch NCHW)", lambda r: f"{r['latency_ms']['dense']:.1f}"),
+    ("latency pruned (ms, batch {b}; PyTorch NCHW)", lambda r: f"{r['latency_ms']['pruned']:.1f}"),
     ("speed-up dense/pruned", lambda r: f"{r['speedup']:.2f}x"),
+    ("latency dense, NHWC (ms; PyTorch channels_last)", lambda r: f"{_nhwc(r, 'dense'):.1f}"),
+    ("latency pruned, NHWC (ms; PyTorch channels_last)", lambda r: f"{_nhwc(r, 'pruned'):.1f}"),
+    ("speed-up dense/pruned, NHWC", lambda r: f"{_nhwc(r, 'dense') / _nhwc(r, 'pruned'):.2f}x"),
 ]
 
 
-def markdown(jc: dict, tp: dict, batch: int) -> str:
-    lines = [f"| ResNet-56, L1, {jc['flops_budget']:.0%} MACs budget | jaxcompress {jc['jax_version']} (JAX) | "
-             f"Torch-Pruning {tp['torch_pruning_version']} (torch {tp['torch_version']}) |", "|---|---|---|"]
+def _nhwc(result: dict, net: str) -> float:
+    """Latency in ms in the NHWC layout: PyTorch's channels_last run, XLA's only one."""
+    return result["latency_ms"].get(f"{net}_channels_last", result["latency_ms"][net])
+
+
+def markdown(sides: dict[str, dict], tp: dict, batch: int) -> str:
+    """One column per jaxcompress allocation, then Torch-Pruning's."""
+    first = next(iter(sides.values()))
+    head = [f"jaxcompress {first['jax_version']} (JAX), {a} allocation" for a in sides]
+    lines = [f"| ResNet-56, L1, {first['flops_budget']:.0%} MACs budget | " + " | ".join(head)
+             + f" | Torch-Pruning {tp['torch_pruning_version']} (torch {tp['torch_version']}) |",
+             "|---" * (len(sides) + 2) + "|"]
     for label, f in ROWS:
-        lines.append(f"| {label.format(b=batch)} | {f(jc)} | {f(tp)} |")
+        lines.append(f"| {label.format(b=batch)} | " + " | ".join(f(r) for r in [*sides.values(), tp]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,14 +260,20 @@ def run(config, workdir: str) -> dict:
     python = torch_interpreter(b.torch_python)  # before any work
     versions = check_torch(python)
     load_start = list(os.getloadavg())
-    jc, nets = jaxcompress_side(b.model, b.flops_budget, b.scope, b.multiple, b.prune_repeats, b.seed)
-    shape = get_spec(b.model).input_shape
-    lat = forward_latencies(nets, shape, b.batch_size, b.rounds)
-    jc.update(latency_ms={k: 1e3 * v for k, v in lat.items()}, latency_ratio=lat["pruned"] / lat["dense"],
-              speedup=lat["dense"] / lat["pruned"], batch_size=b.batch_size,
-              device_kind=jax.devices()[0].device_kind, loadavg=list(os.getloadavg()))
-    print(f"jaxcompress: MACs {jc['macs_fraction']:.4f}, pruning call {jc['prune_seconds']['median']:.3f} s, "
-          f"latency {jc['latency_ms']['dense']:.1f} -> {jc['latency_ms']['pruned']:.1f} ms", flush=True)
+    _, _, variables, shape = speedup.init_network(b.model, b.seed)
+    sides, nets = {}, {}
+    for allocation in b.allocations:
+        sides[allocation], pair = jaxcompress_side(b.model, b.flops_budget, b.scope, b.multiple, b.prune_repeats,
+                                                   b.seed, variables, allocation, b.batch_size)
+        nets.update(dense=pair["dense"], **{allocation: pair["pruned"]})
+    lat = forward_latencies(nets, shape, b.batch_size, b.rounds)  # dense and every allocation, in alternation
+    for allocation, jc in sides.items():
+        jc.update(latency_ms={"dense": 1e3 * lat["dense"], "pruned": 1e3 * lat[allocation]},
+                  latency_ratio=lat[allocation] / lat["dense"], speedup=lat["dense"] / lat[allocation],
+                  batch_size=b.batch_size, device_kind=jax.devices()[0].device_kind, loadavg=list(os.getloadavg()))
+        print(f"jaxcompress ({allocation}): MACs {jc['macs_fraction']:.4f}, pruning call "
+              f"{jc['prune_seconds']['median']:.3f} s, latency {jc['latency_ms']['dense']:.1f} -> "
+              f"{jc['latency_ms']['pruned']:.1f} ms", flush=True)
     args = ["--depth", b.model[len("resnet"):], "--flops-fraction", str(b.flops_budget),
             "--batch-size", str(b.batch_size), "--rounds", str(b.rounds), "--calls", "3", "--warmup", "2",
             "--prune-repeats", str(b.prune_repeats), "--threads", str(b.torch_threads), "--seed", str(b.seed)]
@@ -247,7 +284,7 @@ def run(config, workdir: str) -> dict:
     tp = run_torch(python, args, b.torch_timeout_s)
     print(f"torch-pruning: MACs {tp['macs_fraction']:.4f}, pruning call {tp['prune_seconds']['median']:.3f} s, "
           f"latency {tp['latency_ms']['dense']:.1f} -> {tp['latency_ms']['pruned']:.1f} ms", flush=True)
-    table = markdown(jc, tp, b.batch_size)
+    table = markdown(sides, tp, b.batch_size)
     summary = dict(
         job=config.job, model=b.model, flops_budget=b.flops_budget, batch_size=b.batch_size,
         weights=("random: jaxcompress init (seed %d), loaded into the PyTorch net by name" % b.seed
@@ -255,10 +292,10 @@ def run(config, workdir: str) -> dict:
         machine=dict(cpu_count=os.cpu_count(), device_kind=jax.devices()[0].device_kind,
                      loadavg_start=load_start, loadavg_end=list(os.getloadavg())),
         versions=dict(jax=jax.__version__, **versions),
-        jaxcompress=jc, torch_pruning=tp,
-        comparison=dict(macs_fraction=(jc["macs_fraction"], tp["macs_fraction"]),
-                        prune_seconds_median=(jc["prune_seconds"]["median"], tp["prune_seconds"]["median"]),
-                        latency_ratio=(jc["latency_ratio"], tp["latency_ratio"])),
+        jaxcompress=sides, torch_pruning=tp,
+        comparison={a: dict(macs_fraction=(jc["macs_fraction"], tp["macs_fraction"]),
+                            latency_pruned_ms=(jc["latency_ms"]["pruned"], tp["latency_ms"]["pruned"]),
+                            speedup=(jc["speedup"], tp["speedup"])) for a, jc in sides.items()},
         table=table,
     )
     write_json(os.path.join(workdir, "summary.json"), summary)

@@ -32,7 +32,8 @@ What it does:
    included (the dependency graph ties each stream's producers and consumers).
 4. Measures CPU inference latency of dense and pruned, batch `--batch-size`,
    `torch.no_grad()`, eval mode, `torch.set_num_threads(--threads or all cores)`:
-   warm-up, then `--rounds` interleaved rounds of `--calls` calls each, medians.
+   warm-up, then `--rounds` interleaved rounds of `--calls` calls each, medians; in
+   PyTorch's default NCHW layout and in channels_last (NHWC, oneDNN's fast path).
 
 Prints one JSON line on stdout (progress goes to stderr).
 """
@@ -231,19 +232,23 @@ def main(argv=None) -> dict:
     tp_pruned = tp.utils.count_ops_and_params(pruned, example)
 
     x = torch.randn(args.batch_size, 3, 32, 32)
-    nets = {"dense": dense, "pruned": pruned}
+    cl = torch.channels_last
+    x_cl = x.contiguous(memory_format=cl)
+    nets = {"dense": (dense, x), "pruned": (pruned, x),  # NCHW (PyTorch's default) and channels_last (NHWC)
+            "dense_channels_last": (copy.deepcopy(dense).to(memory_format=cl), x_cl),
+            "pruned_channels_last": (copy.deepcopy(pruned).to(memory_format=cl), x_cl)}
     samples = {k: [] for k in nets}
     with torch.no_grad():
         out = pruned(x[:2])
         assert tuple(out.shape) == (2, 10), out.shape
-        for m in nets.values():
+        for m, inp in nets.values():
             for _ in range(args.warmup):
-                m(x)
+                m(inp)
         for _ in range(args.rounds):
-            for k, m in nets.items():
+            for k, (m, inp) in nets.items():
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
-                    m(x)
+                    m(inp)
                     samples[k].append(time.perf_counter() - t0)
     lat = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
     result = dict(
@@ -263,6 +268,7 @@ def main(argv=None) -> dict:
                            repeats=args.prune_repeats),
         batch_size=args.batch_size, rounds=args.rounds, calls=args.calls,
         latency_ms=lat, latency_ratio=lat["pruned"] / lat["dense"], speedup=lat["dense"] / lat["pruned"],
+        speedup_channels_last=lat["dense_channels_last"] / lat["pruned_channels_last"],
         loadavg=list(os.getloadavg()),
     )
     print(json.dumps(result), flush=True)

@@ -30,13 +30,11 @@ def init_network(name: str, seed: int = 0):
     return model, table, variables, shape
 
 
-def l1_masks(table, variables, keep_ratio: float, scope: str, multiple: int):
-    """L1 channel pruning at one uniform keep ratio: `(counts, masks)`, the masks a full
-    `masks` collection (`variables["masks"]` with every group's channel mask set)."""
-    counts = C.keep_counts(table, keep_ratio, C.prunable_groups(table, scope), multiple)
-    masks = table.layer_masks(C.masks_from_scores(C.channel_scores(table, variables, "l1"), counts),
-                              variables["masks"])
-    return counts, masks
+def l1_masks(table, variables, counts):
+    """L1 channel pruning to `counts` kept channels per group: a full `masks` collection
+    (`variables["masks"]` with every group's channel mask set)."""
+    return table.layer_masks(C.masks_from_scores(C.channel_scores(table, variables, "l1"), counts),
+                             variables["masks"])
 
 
 def measure(name: str, flops_fraction: float, multiple: int | None, scope: str, batch: int, rounds: int,
@@ -47,7 +45,8 @@ def measure(name: str, flops_fraction: float, multiple: int | None, scope: str, 
     model, table, variables, shape = init_network(name)
     groups = C.prunable_groups(table, scope)
     ratio = keep_ratio or C.keep_ratio_for_flops(table, flops_fraction, groups, multiple)
-    counts, masks = l1_masks(table, variables, ratio, scope, multiple)
+    counts = C.keep_counts(table, ratio, groups, multiple)
+    masks = l1_masks(table, variables, counts)
     small_model, small_vars = shrink(table, {**variables, "masks": masks})
     nets = {"dense": (model, without_masks(variables)), "shrunk": (small_model, without_masks(small_vars))}
     if masked:

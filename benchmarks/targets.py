@@ -113,7 +113,23 @@ def quant_integer(s: Mapping) -> tuple[list, str]:
                f"{lat['original'] / lat['integer']:.2f}x", None)], table
 
 
+def peer_torch_pruning(s: Mapping) -> tuple[list, str]:
+    """Issue 21: ResNet-56 at about 50% MACs, side by side in one run: jaxcompress's pruned
+    latency <= Torch-Pruning's channels_last pruned latency, and its speed-up >= 1.95x."""
+    tp = s["torch_pruning"]
+    tp_ms = tp["latency_ms"].get("pruned_channels_last", tp["latency_ms"]["pruned"])
+    targets = []
+    for allocation, jc in s["jaxcompress"].items():
+        ms, macs = jc["latency_ms"]["pruned"], f"MACs {jc['macs_fraction']:.3f} vs {tp['macs_fraction']:.3f}"
+        targets += [_t(f"ResNet-56 pruned latency, {allocation} allocation", "<= Torch-Pruning's (channels_last)",
+                       f"{ms:.0f} vs {tp_ms:.0f} ms ({macs})", ms <= tp_ms),
+                    _t(f"ResNet-56 speed-up over dense, {allocation} allocation", ">= 1.95x",
+                       f"{jc['speedup']:.2f}x", jc["speedup"] >= 1.95)]
+    return targets, s["table"]
+
+
 JUDGES: dict[str, Callable[[Mapping], tuple[list, str]]] = {
+    "peer_torch_pruning": peer_torch_pruning,
     "layer_overhead": layer_overhead, "search_speed": search_speed, "prune_speedup": prune_speedup,
     "width_alignment": prune_speedup, "latency_predictor": latency_predictor, "lenet5_mnist": lenet5_mnist,
     "prune_lenet5_mnist": prune_lenet5_mnist, "bad_input": bad_input,

@@ -105,7 +105,9 @@ SCHEMA = Section(
         criterion=Choice("l1", ("l1", "l2", "bn", "snip", "random", "lasso", "variational")),
         keep_ratio=fraction(0.5, lo_open=True),
         keep_ratios=Dict({}, of=fraction(None, lo_open=True)),  # keep_ratios: {group name: fraction} overrides
-        allocation=Choice("uniform", ("uniform", "global")),  # uniform | global (one threshold over normalised scores)
+        allocation=Choice("uniform", ("uniform", "global", "latency")),  # uniform | global (one threshold over
+        # normalised scores) | latency (with flops_budget: per-group widths that this device's measured latency
+        # table rates fastest within the budget, jaxcompress.pruning.allocate)
         scope=Choice("inner", SCOPE),  # inner: leave residual streams whole | all
         element_rate=fraction(0.0, hi_open=True),
         element_rates=Dict({}, of=fraction(None, hi_open=True)),  # then magnitude-prune this fraction of each
@@ -397,10 +399,14 @@ RULES = (
          "budget_uniform_bits): sensitivity allocation spends one", lambda c: c.quant.allocation != "sensitivity"
          or bool(c.quant.budget_bytes or c.quant.budget_ratio or c.quant.budget_uniform_bits),
          others=("quant.budget_ratio",)),
-    Rule("prune.keep_ratios", "empty with prune.allocation=uniform when a prune budget is set (a budget sets one "
-         "uniform keep ratio)", lambda c: not c.prune.keep_ratios and c.prune.allocation == "uniform",
+    Rule("prune.keep_ratios", "empty with prune.allocation=uniform or latency when a prune budget is set (a "
+         "budget sets the keep ratios)", lambda c: not c.prune.keep_ratios and c.prune.allocation != "global",
          others=("prune.allocation", "prune.flops_budget", "prune.latency_budget"),
          when=lambda c: bool(c.prune.flops_budget or c.prune.latency_budget)),
+    Rule("prune.allocation", "uniform or global unless prune.flops_budget is set (latency allocation spends a "
+         "FLOPs budget) and hardware.latency_batch > 0 (it measures latency at that batch)",
+         lambda c: bool(c.prune.flops_budget) and c.hardware.latency_batch > 0,
+         others=("prune.flops_budget", "hardware.latency_batch"), when=lambda c: c.prune.allocation == "latency"),
     Rule("prune.iterations", "1 for prune.criterion={prune.criterion} (gradual pruning needs a score criterion: "
          "l1, l2, bn, snip or random)", lambda c: c.prune.iterations == 1, others=("prune.criterion",),
          when=lambda c: c.prune.criterion in ("lasso", "variational")),

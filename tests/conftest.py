@@ -55,7 +55,7 @@ class Zoo:
         key = (name, self.input_shape(name, input_shape))
         if key not in self._tables:
             model = create_model(name, self.num_classes(name))
-            self._tables[key] = describe(model, key[1])
+            self._tables[key] = describe(model, key[1], get_spec(name).input_dtype)
         return self._tables[key]
 
     def abstract_variables(self, name, input_shape=None):
@@ -63,7 +63,7 @@ class Zoo:
         key = (name, self.input_shape(name, input_shape))
         if key not in self._abstract:
             model = self.table(name, input_shape).model
-            x = jnp.zeros((1, *key[1]), jnp.float32)
+            x = jnp.zeros((1, *key[1]), get_spec(name).input_dtype)
             self._abstract[key] = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
         return self._abstract[key]
 

@@ -10,8 +10,9 @@ from jaxcompress import cost
 from jaxcompress.models import (MODELS, AxisGroup, UnknownModelError, create_model, get_spec,
                                 scale_widths)
 
-SMALL_MODELS = [n for n in MODELS if get_spec(n).input_shape[0] <= 32]
-IMAGENET_MODELS = [n for n in MODELS if n not in SMALL_MODELS]
+IMAGE_MODELS = [n for n in MODELS if len(get_spec(n).input_shape) == 3]  # all but the language model
+SMALL_MODELS = [n for n in IMAGE_MODELS if get_spec(n).input_shape[0] <= 32]
+IMAGENET_MODELS = [n for n in IMAGE_MODELS if n not in SMALL_MODELS]
 
 
 def _num_params(tree):
@@ -21,7 +22,8 @@ def _num_params(tree):
 def test_zoo_sizes_are_what_we_think():
     assert set(SMALL_MODELS) == {"lenet300_100", "lenet5", "cnn4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet56",
                                  "resnet110", "mobilenet_v1_cifar", "mobilenet_v2_cifar", "vit"}
-    assert len(MODELS) == 19
+    assert set(MODELS) - set(IMAGE_MODELS) == {"lm"} and get_spec("lm").input_dtype == "int32"
+    assert len(MODELS) == 20
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -46,8 +48,12 @@ def test_every_model_builds_with_its_default_widths(name, zoo):
     # every output layer width is one of the groups or the class count
     for layer in table.layers:
         assert layer.out_group >= 0 or layer.out_fixed == zoo.num_classes(name)
-    # the classifier is the last layer and has num_classes outputs
-    assert table.layers[-1].out_fixed == zoo.num_classes(name)
+    # the classifier is the last layer and has num_classes outputs; the language model's is its tied
+    # token embedding (logits = h @ embedding.T)
+    if name == "lm":
+        assert table.extra_macs[-1].path == "tok_embed/attend" and table.layers[-1].out_group == 0
+    else:
+        assert table.layers[-1].out_fixed == zoo.num_classes(name)
 
 
 @pytest.mark.parametrize("name", SMALL_MODELS)

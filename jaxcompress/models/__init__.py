@@ -1,6 +1,7 @@
 """Model zoo built from channel widths, each model's channel groups, the layer table."""
 from jaxcompress.models.cnn import CNN4
 from jaxcompress.models.lenet import LeNet5, LeNet300100
+from jaxcompress.models.lm import DecoderLM
 from jaxcompress.models.mobilenet import MobileNetV1, MobileNetV2
 from jaxcompress.models.registry import (MODELS, ModelSpec, UnknownModelError, create_model, get_spec,
                                          scale_widths)
@@ -10,6 +11,6 @@ from jaxcompress.models.table import (AttentionInfo, AxisGroup, CostTerm, LayerI
 from jaxcompress.models.vgg import VGG
 from jaxcompress.models.vit import ViT
 
-__all__ = ["CNN4", "LeNet5", "LeNet300100", "MobileNetV1", "MobileNetV2", "ResNet", "VGG", "ViT", "MODELS", "ModelSpec",
-           "UnknownModelError", "create_model", "get_spec", "scale_widths", "AttentionInfo", "AxisGroup",
-           "CostTerm", "LayerInfo", "ModelTable", "UnsupportedModelError", "describe"]
+__all__ = ["CNN4", "DecoderLM", "LeNet5", "LeNet300100", "MobileNetV1", "MobileNetV2", "ResNet", "VGG", "ViT",
+           "MODELS", "ModelSpec", "UnknownModelError", "create_model", "get_spec", "scale_widths", "AttentionInfo",
+           "AxisGroup", "CostTerm", "LayerInfo", "ModelTable", "UnsupportedModelError", "describe"]

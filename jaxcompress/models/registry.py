@@ -6,7 +6,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from jaxcompress.models import mobilenet, resnet, vgg, vit
+from jaxcompress.models import lm, mobilenet, resnet, vgg, vit
 from jaxcompress.models.cnn import CNN4
 from jaxcompress.models.lenet import LeNet5, LeNet300100
 
@@ -15,12 +15,15 @@ MNIST_SHAPE, CIFAR_SHAPE, IMAGENET_SHAPE = (28, 28, 1), (32, 32, 3), (224, 224, 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """How to build a zoo model: `build(widths, num_classes)` and its defaults."""
+    """How to build a zoo model: `build(widths, num_classes)` and its defaults. One
+    example's input has shape `input_shape` ((H, W, C) for images, (tokens,) for a
+    language model, whose `num_classes` is its vocabulary) and dtype `input_dtype`."""
 
     build: Callable[[tuple[int, ...], int], nn.Module]
     default_widths: tuple[int, ...]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     width_divisor: int = 1  # width_multiplier rounds to multiples of this (8 for MobileNets)
+    input_dtype: str = "float32"  # "int32": token ids
 
 
 def _resnet(stage_sizes, streams, bottleneck=False, imagenet=False):
@@ -57,6 +60,8 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenet_v1_cifar": _mobilenet(mobilenet.MobileNetV1, mobilenet.v1_default_widths(), True),
     "mobilenet_v2_cifar": _mobilenet(mobilenet.MobileNetV2, mobilenet.v2_default_widths(), True),
     "vit": ModelSpec(lambda w, k: vit.ViT(widths=w, num_classes=k), vit.default_widths(), CIFAR_SHAPE),
+    "lm": ModelSpec(lambda w, k: lm.DecoderLM(widths=w, vocab_size=k), lm.default_widths(), (lm.SEQ_LEN,),
+                    input_dtype="int32"),
 }
 
 

@@ -321,9 +321,10 @@ def _shapes(tree) -> list[tuple[int, ...]]:
     return [tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
 
 
-def _probe(model: nn.Module, widths: tuple[int, ...], input_shape) -> tuple[list, dict]:
-    """Abstract init of `model` at `widths`: every module call (module, method, input
-    shapes, output shapes) in the order the calls return, and the variables' shapes."""
+def _probe(model: nn.Module, widths: tuple[int, ...], input_shape, input_dtype=jnp.float32) -> tuple[list, dict]:
+    """Abstract init of `model` at `widths` on one example of `input_dtype`: every module
+    call (module, method, input shapes, output shapes) in the order the calls return,
+    and the variables' shapes."""
     probe = model.clone(widths=widths)
     calls = []
 
@@ -334,7 +335,7 @@ def _probe(model: nn.Module, widths: tuple[int, ...], input_shape) -> tuple[list
             calls.append((context.module, context.method_name, _shapes((args, kwargs)), _shapes(out)))
         return out
 
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *input_shape), input_dtype)
     try:
         with nn.intercept_methods(record):
             variables = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x, train=False), x)
@@ -526,8 +527,9 @@ def _cost_term(path: str, shape, axis_groups) -> CostTerm:
     return CostTerm(path, int(fixed), tuple(ag.group for ag in axis_groups if ag is not None))
 
 
-def describe(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTable:
-    """Builds the `ModelTable` of `model` for inputs of shape `input_shape` (H, W, C).
+def describe(model: nn.Module, input_shape: tuple[int, ...], input_dtype=jnp.float32) -> ModelTable:
+    """Builds the `ModelTable` of `model` for inputs of shape `input_shape` ((H, W, C)
+    for images) and dtype `input_dtype` (`"int32"` for a language model's token ids).
 
     Raises `UnsupportedModelError` (one line naming the layer) for structures whose
     table would be wrong (see the module doc).
@@ -538,8 +540,8 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTable:
     widths = tuple(int(w) for w in model.widths)
     primes = _primes_above(_PROBE_START, 2 * len(widths))
     primes_a, primes_b = primes[:len(widths)], primes[len(widths):]
-    calls_a, variables = _probe(model, primes_a, input_shape)
-    calls_b, variables_b = _probe(model, primes_b, input_shape)
+    calls_a, variables = _probe(model, primes_a, input_shape, input_dtype)
+    calls_b, variables_b = _probe(model, primes_b, input_shape, input_dtype)
     flat_vars = {col: traverse_util.flatten_dict(tree) for col, tree in variables.items()}
     flat_vars_b = {col: traverse_util.flatten_dict(tree) for col, tree in variables_b.items()}
     same_structure = (len(calls_a) == len(calls_b) and all(

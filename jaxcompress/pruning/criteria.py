@@ -12,17 +12,20 @@ query, key and value projections: its score sums their kernels' slices
 * `bn`: |gamma| of the BatchNorms in the group (network slimming, Liu et al. 2017);
   groups without BatchNorm fall back to `l1`.
 * `snip`: connection sensitivity |g * w| on a batch (Lee et al. 2019), summed per
-  output channel; at initialisation or from a trained network.
+  output channel; at initialisation or from a trained network. The loss is the mean
+  cross-entropy over every labelled position (per image, or per token of an LM).
 * `random`: uniform scores (the random-pruning baseline).
 LASSO channel selection lives in the `lasso/` package, variational pruning in `variational.py`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
 from jaxcompress import cost
@@ -45,22 +48,30 @@ def _per_channel(x, order: int, channel_axis: int = -1):
 
 
 def snip_saliency(apply_fn, variables: Mapping, images, labels):
-    """|dL/dw * w| for every parameter on one batch (Lee et al. 2019, Eq. 6)."""
-    @jax.jit  # one compile instead of op-by-op dispatch
-    def saliency(variables, images, labels):
-        def loss(params):
-            logits = apply_fn({**variables, "params": params}, images, train=False)
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
-        grads = jax.grad(loss)(variables["params"])
-        return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, variables["params"])
-    return saliency(dict(variables), images, labels)
+    """|dL/dw * w| for every parameter on one batch (Lee et al. 2019, Eq. 6). L is the
+    mean cross-entropy over every labelled position: labels (batch,) for a classifier's
+    logits (batch, classes), (batch, tokens) for a language model's (batch, tokens, vocab)."""
+    return _snip_saliency(apply_fn, dict(variables), images, labels)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compile per model (and shapes), not op-by-op dispatch
+def _snip_saliency(apply_fn, variables, images, labels):
+    def loss(params):
+        logits = apply_fn({**variables, "params": params}, images, train=False)
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"snip: labels of shape {labels.shape} do not label the logits of shape "
+                             f"{logits.shape} (one label per position of all but the last axis)")
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    grads = jax.grad(loss)(variables["params"])
+    return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, variables["params"])
 
 
 def channel_scores(table: ModelTable, variables: Mapping, criterion: str, *, batch=None,
                    seed: int = 0) -> list[np.ndarray]:
     """One importance score per channel of every group (higher = keep).
 
-    `batch` = (images, labels), normalised float images, is needed by `snip`.
+    `batch` = (inputs, labels) is needed by `snip`: normalised float images and class
+    ids (batch,), or a language model's token ids and next-token targets (batch, tokens).
     """
     if criterion not in CHANNEL_CRITERIA:
         raise ConfigError(f"unknown pruning criterion '{criterion}'; choose one of "

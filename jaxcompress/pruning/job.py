@@ -14,8 +14,9 @@ import jax
 from absl import logging
 
 from jaxcompress import cost, pipeline, schema
-from jaxcompress.latency import latency_model
+from jaxcompress.latency import LatencyModel, LatencyTable, latency_model
 from jaxcompress.pruning import criteria as C
+from jaxcompress.pruning.allocate import device_latency_counts
 from jaxcompress.pruning.plan import PrunePlan
 from jaxcompress.pruning.surgery import without_masks
 from jaxcompress.report import plot_layer_bars
@@ -35,6 +36,34 @@ def latency_keep_ratio(table, budget: float, scope: str, multiple: int | None, b
     model = latency_model(table, batch, groups, C.lowest_counts(table, groups, multiple))
     ratio = C.keep_ratio_for_budget(table, budget, model.fraction, groups, multiple, what="latency")
     return ratio, model.fraction(C.keep_counts(table, ratio, groups, multiple))
+
+
+def latency_allocation(table, flops_budget: float, scope: str, multiple: int | None, batch: int
+                       ) -> tuple[dict[str, float], float]:
+    """`({group name: keep ratio}, predicted latency fraction)`: the per-group widths within
+    `flops_budget` of the dense MACs that this device's measured layer table rates fastest
+    at this batch size (`allocate.device_latency_counts`; the prediction is the layer
+    table's sum)."""
+    groups = C.prunable_groups(table, scope)
+    counts = device_latency_counts(table, flops_budget, groups, multiple, batch)
+    predict = LatencyModel(LatencyTable.load(), table, batch).layer_sum
+    ratios = {table.group_names[g]: counts[g] / table.widths[g] for g in groups}
+    return ratios, predict(counts) / predict(list(table.widths))
+
+
+def budget_plan(config, table) -> tuple[PrunePlan, float | None]:
+    """`(plan, predicted latency fraction or None)`: `config.prune`'s plan with the keep
+    ratio (`budget_keep_ratio`) or, for `prune.allocation=latency`, the per-group keep
+    ratios (`latency_allocation`) that meet its budget. An unreachable budget is a
+    ConfigError, raised before any training."""
+    p, hw = config.prune, config.hardware
+    if p.allocation == "latency":
+        ratios, predicted = latency_allocation(table, p.flops_budget, p.scope, hw.multiple, hw.latency_batch)
+        logging.info("latency allocation within %.0f%% FLOPs: %s (predicted %.1f%% of the dense latency)",
+                     100 * p.flops_budget, ratios, 100 * predicted)
+        return PrunePlan.from_config(config).replace(keep_ratios=ratios), predicted
+    keep_ratio, predicted = budget_keep_ratio(table, p, hw.multiple, hw.latency_batch)
+    return PrunePlan.from_config(config, keep_ratio), predicted
 
 
 def budget_keep_ratio(table, p, multiple: int | None, latency_batch: int) -> tuple[float, float | None]:
@@ -65,8 +94,7 @@ def prune_and_finetune(config, workdir: str) -> dict:
     p, hw = config.prune, config.hardware
     schema.validate(config)  # called directly (not through jaxcompress.jobs.run): still checked first
     exp = setup_experiment(config)
-    keep_ratio, predicted = budget_keep_ratio(exp.table, p, hw.multiple, hw.latency_batch)  # infeasible: fails here
-    plan = PrunePlan.from_config(config, keep_ratio)
+    plan, predicted = budget_plan(config, exp.table)  # an infeasible budget fails here
     state = pipeline.reference(config, exp, p.checkpoint, workdir, "prune.checkpoint")
     teacher = Teacher.of(state)  # fine-tunes distil from the reference when train.distill_weight > 0
     step_recipe, ft_recipe = prune_recipes(config)
@@ -106,6 +134,7 @@ def prune_summary(config, exp, state, plan: PrunePlan, *, dense: float, masked: 
     pruned_cost = pruned_report["totals"]
     summary = dict(
         job=config.job, model=config.model.name, dataset=config.data.name, criterion=p.criterion,
+        allocation=p.allocation, keep_ratios=dict(plan.keep_ratios),
         keep_ratio=plan.keep_ratio, element_rate=p.element_rate, iterations=p.iterations,
         accuracy_dense=dense, accuracy_masked=masked, accuracy_pruned=pruned, val_accuracy_pruned=val_pruned,
         params_dense=dense_cost["params"], params_pruned=pruned_cost["nonzero_params"],

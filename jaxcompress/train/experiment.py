@@ -89,7 +89,10 @@ def pick_classes(ds: Dataset, classes, field: str):
 
 def setup_experiment(config) -> Experiment:
     """Loads and splits the data and builds the model named by `config`."""
-    get_spec(config.model.name)  # unknown model: fail before loading data
+    if get_spec(config.model.name).input_dtype != "float32":  # unknown model: fail before loading data
+        raise ConfigError(f"model.name={config.model.name!r} is a language model (token-id inputs); the jobs "
+                          f"train image classifiers only so far: train it on jaxcompress.data.load_python_stdlib "
+                          f"with your own loop")
     mesh = make_mesh()
     check_batches(config, mesh.size)
     d = config.data
