@@ -54,7 +54,7 @@ from flax import traverse_util
 
 from jaxcompress import cost
 from benchmarks import speedup
-from jaxcompress.timing import forward_latencies
+from jaxcompress.timing import forward_latencies, interleaved_medians
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, describe, get_spec
 from jaxcompress.pruning import criteria as C
@@ -93,6 +93,8 @@ def check_bench(b) -> None:
     unknown = [a for a in b.allocations if a not in ALLOCATIONS]
     if unknown or not b.allocations:
         raise ConfigError(f"bench.allocations {tuple(b.allocations)}: choose one or more of {', '.join(ALLOCATIONS)}")
+    if not all(len(s) == 2 and all(int(v) == v and v >= 1 for v in s) for s in b.conv_shapes):
+        raise ConfigError(f"bench.conv_shapes {tuple(b.conv_shapes)}: each is (pixels, channels), positive integers")
     if b.scope not in C.SCOPES:
         raise ConfigError(f"unknown prune scope '{b.scope}'; choose one of {', '.join(C.SCOPES)}")
 
@@ -254,6 +256,30 @@ def markdown(sides: dict[str, dict], tp: dict, batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def xla_convs(shapes, batch: int, rounds: int) -> dict:
+    """{"HWxC": ms}: one 3x3 C -> C convolution (stride 1, SAME, no bias) on XLA:CPU, NHWC /
+    HWIO (XLA's layout for it), batch `batch`, jitted, interleaved medians."""
+    fns = {}
+    for hw, c in shapes:
+        x = jax.random.normal(jax.random.key(0), (batch, hw, hw, c))
+        w = jax.random.normal(jax.random.key(1), (3, 3, c, c))
+        conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        fns[f"{hw}x{c}"] = (lambda conv=conv, x=x, w=w: conv(x, w))
+    return {k: 1e3 * v for k, v in interleaved_medians(fns, rounds=rounds, calls=3).items()}
+
+
+def conv_markdown(xla: dict, torch_ms: dict, batch: int) -> str:
+    """Single-conv table: where XLA:CPU's convolution itself stands against oneDNN's."""
+    lines = [f"| one 3x3 conv, C -> C, batch {batch} | XLA:CPU NHWC (ms) | PyTorch channels_last (ms) | "
+             "PyTorch NCHW (ms) | XLA / channels_last |", "|---|---|---|---|---|"]
+    for shape, ms in xla.items():
+        (hw, c), t = shape.split("x"), torch_ms[shape]
+        lines.append(f"| {hw}x{hw} pixels, C={c} | {ms:.2f} | "
+                     f"{t['channels_last']:.2f} | {t['nchw']:.2f} | {ms / t['channels_last']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def run(config, workdir: str) -> dict:
     b = config.bench
     check_bench(b)
@@ -284,7 +310,12 @@ def run(config, workdir: str) -> dict:
     tp = run_torch(python, args, b.torch_timeout_s)
     print(f"torch-pruning: MACs {tp['macs_fraction']:.4f}, pruning call {tp['prune_seconds']['median']:.3f} s, "
           f"latency {tp['latency_ms']['dense']:.1f} -> {tp['latency_ms']['pruned']:.1f} ms", flush=True)
-    table = markdown(sides, tp, b.batch_size)
+    shapes = [tuple(int(v) for v in s) for s in b.conv_shapes]
+    xla = xla_convs(shapes, b.batch_size, b.rounds)
+    conv_args = ["--conv-shapes", ",".join(f"{hw}x{c}" for hw, c in shapes), "--batch-size", str(b.batch_size),
+                 "--rounds", str(b.rounds), "--calls", "3", "--warmup", "2", "--threads", str(b.torch_threads)]
+    torch_convs = run_torch(python, conv_args, b.torch_timeout_s)["conv_ms"] if shapes else {}
+    table = markdown(sides, tp, b.batch_size) + ("\n" + conv_markdown(xla, torch_convs, b.batch_size) if shapes else "")
     summary = dict(
         job=config.job, model=b.model, flops_budget=b.flops_budget, batch_size=b.batch_size,
         weights=("random: jaxcompress init (seed %d), loaded into the PyTorch net by name" % b.seed
@@ -292,7 +323,7 @@ def run(config, workdir: str) -> dict:
         machine=dict(cpu_count=os.cpu_count(), device_kind=jax.devices()[0].device_kind,
                      loadavg_start=load_start, loadavg_end=list(os.getloadavg())),
         versions=dict(jax=jax.__version__, **versions),
-        jaxcompress=sides, torch_pruning=tp,
+        jaxcompress=sides, torch_pruning=tp, conv_ms=dict(xla=xla, torch=torch_convs),
         comparison={a: dict(macs_fraction=(jc["macs_fraction"], tp["macs_fraction"]),
                             latency_pruned_ms=(jc["latency_ms"]["pruned"], tp["latency_ms"]["pruned"]),
                             speedup=(jc["speedup"], tp["speedup"])) for a, jc in sides.items()},

@@ -136,6 +136,32 @@ def conv_linear_macs(torch, nn, model, example) -> int:
     return int(total[0])
 
 
+def time_convs(torch, args) -> dict:
+    """{"HWxC": {"nchw": ms, "channels_last": ms}}: one 3x3 C -> C conv (stride 1, padding 1,
+    no bias) at batch `--batch-size`, eval, no_grad; warm-up, then interleaved medians."""
+    out = {}
+    for shape in args.conv_shapes.split(","):
+        hw, c = (int(v) for v in shape.split("x"))
+        conv = torch.nn.Conv2d(c, c, 3, 1, 1, bias=False).eval()
+        x = torch.randn(args.batch_size, c, hw, hw)
+        cl = torch.channels_last
+        runs = {"nchw": (conv, x), "channels_last": (copy.deepcopy(conv).to(memory_format=cl),
+                                                     x.contiguous(memory_format=cl))}
+        samples = {k: [] for k in runs}
+        with torch.no_grad():
+            for m, inp in runs.values():
+                for _ in range(args.warmup):
+                    m(inp)
+            for _ in range(args.rounds):
+                for k, (m, inp) in runs.items():
+                    for _ in range(args.calls):
+                        t0 = time.perf_counter()
+                        m(inp)
+                        samples[k].append(time.perf_counter() - t0)
+        out[shape] = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    return out
+
+
 def params_count(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -154,6 +180,8 @@ def main(argv=None) -> dict:
     p.add_argument("--weights", default=None, help="npz of state_dict tensors (else default init, --seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="only import torch + torch_pruning, print versions")
+    p.add_argument("--conv-shapes", default="", help="only time single 3x3 convs: 'HWxC,...' (C -> C channels, "
+                   "stride 1, no bias), NCHW and channels_last, at --batch-size")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -170,6 +198,10 @@ def main(argv=None) -> dict:
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
+    if args.conv_shapes:
+        result = dict(**versions, threads=threads, conv_ms=time_convs(torch, args))
+        print(json.dumps(result), flush=True)
+        return result
     torch.manual_seed(args.seed)
     dense = build_resnet(torch, nn, args.depth).eval()
     weights_source = f"torch default init, seed {args.seed} (He fan-out convs)"

@@ -49,7 +49,8 @@ def test_launch_exits_2_with_the_install_line(tmp_path):
 
 
 def test_bad_bench_fields_are_config_errors(tmp_path):
-    for field, value in (("model", "vgg16"), ("flops_budget", 1.5), ("scope", "streams")):
+    for field, value in (("model", "vgg16"), ("flops_budget", 1.5), ("scope", "streams"),
+                         ("allocations", ("fastest",)), ("conv_shapes", ((32, 0),))):
         config = peer_config.get_config()
         config.bench[field] = value
         with pytest.raises(ConfigError, match=field if field != "scope" else "scope"):

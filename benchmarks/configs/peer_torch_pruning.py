@@ -22,6 +22,8 @@ def get_config():
     c.bench = ml_collections.ConfigDict(dict(
         model="resnet56", flops_budget=0.5, scope="all", multiple=8,  # 1: unaligned widths
         allocations=("uniform", "latency"),  # jaxcompress columns: one keep ratio; latency-table widths
+        # single 3x3 convs (pixels H=W, C -> C channels) timed on both sides: XLA's conv against oneDNN's
+        conv_shapes=((32, 8), (32, 16), (16, 16), (16, 24), (16, 32), (8, 48), (8, 64)),
         batch_size=128, rounds=5, prune_repeats=5, seed=0,
         share_weights=True,  # the PyTorch net loads jaxcompress's (random) initialisation
         torch_python=".venv-torch/bin/python",  # relative: to the working directory, else the project root

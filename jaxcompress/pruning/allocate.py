@@ -38,7 +38,7 @@ from jaxcompress.pruning import criteria as C
 def latency_counts(table: ModelTable, flops_budget: float, latency: Callable[[list[int]], float],
                    groups: Sequence[int], multiple: int | None = None, iters: int = 16,
                    measure: Callable[[list[list[int]]], Sequence[float]] | None = None,
-                   measured: int = 4) -> list[int]:
+                   measured: int = 6) -> list[int]:
     """Kept channels per group (groups outside `groups` whole, counts aligned to each
     group's multiple, `align.group_multiples`) with MACs <= `flops_budget` of the dense
     network's, chosen to minimise `latency(counts)` (module docstring; `iters` bisection
