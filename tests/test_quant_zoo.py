@@ -16,22 +16,27 @@ from jaxcompress.quant import (WeightQuantizer, add_kmeans_assignments, compare_
 
 # Compiling the deeper models costs minutes on a 2-core CPU: they run with JAXCOMPRESS_SLOW_TESTS=1.
 _slow = pytest.mark.skipif(not os.environ.get("JAXCOMPRESS_SLOW_TESTS"), reason="set JAXCOMPRESS_SLOW_TESTS=1")
-CASES = [  # (model, width multiplier, quantizer, element-prune a layer?)
-    ("lenet300_100", 0.1, WeightQuantizer("kmeans"), True),
-    pytest.param("resnet20", 0.25, WeightQuantizer("asymmetric", "channel"), False, marks=_slow),
-    pytest.param("mobilenet_v2_cifar", 0.125, WeightQuantizer("symmetric", "tensor"), True, marks=_slow),
+CASES = [  # (model, width multiplier, quantizer, element-prune a layer?, groups losing their channel 0)
+    ("lenet300_100", 0.1, WeightQuantizer("kmeans"), True, (0,)),
+    # the ViT: the residual stream, one of block 0's two heads and an MLP neuron; attention
+    # projections (heads, head_dim) quantized with one scale per output, LayerNorms and the
+    # position embedding stored as float32
+    ("vit", 0.5, WeightQuantizer("symmetric", "channel"), False, (0, 1, 7)),
+    pytest.param("resnet20", 0.25, WeightQuantizer("asymmetric", "channel"), False, (0,), marks=_slow),
+    pytest.param("mobilenet_v2_cifar", 0.125, WeightQuantizer("symmetric", "tensor"), True, (0,), marks=_slow),
 ]
 
 
-@pytest.mark.parametrize("name,multiplier,quantizer,element", CASES, ids=["lenet300_100", "resnet20", "mobilenet_v2"])
-def test_zoo_export_round_trip(name, multiplier, quantizer, element):
+@pytest.mark.parametrize("name,multiplier,quantizer,element,groups", CASES,
+                         ids=["lenet300_100", "vit", "resnet20", "mobilenet_v2"])
+def test_zoo_export_round_trip(name, multiplier, quantizer, element, groups):
     shape = get_spec(name).input_shape
     model = create_model(name, 10, multiplier)
     table = describe(model, shape)
     x = jax.random.normal(jax.random.key(1), (4, *shape))
     v = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
     # prune one channel of the first group and (optionally) half of one layer's weights, then shrink
-    group_masks = [jnp.ones(w).at[0].set(0.0) if g == 0 else jnp.ones(w) for g, w in enumerate(table.widths)]
+    group_masks = [jnp.ones(w).at[0].set(0.0) if g in groups else jnp.ones(w) for g, w in enumerate(table.widths)]
     masks = table.layer_masks(group_masks, v["masks"])
     if element:
         layer = table.layers[-1]

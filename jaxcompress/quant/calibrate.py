@@ -27,7 +27,7 @@ from absl import logging
 from flax import traverse_util
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.layers import Conv, Dense, fake_quant_symmetric, fake_quant_unsigned
+from jaxcompress.layers import Conv, Dense, DenseGeneral, fake_quant_symmetric, fake_quant_unsigned
 from jaxcompress.quant.quantizers import FLOAT_BITS
 
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -44,12 +44,13 @@ def check_calibration(method: str, batches, percentile: float = 99.99) -> None:
 
 
 def record_layer_inputs(apply_fn, variables, x) -> dict[str, tuple[jax.Array, bool]]:
-    """{layer path: (input array, signed grid?)} for every Conv / Dense call of one forward pass."""
+    """{layer path: (input array, signed grid?)} for every Conv / Dense / DenseGeneral call of one
+    forward pass."""
     records: dict[str, tuple[jax.Array, bool]] = {}
 
     def record(next_fun, args, kwargs, context):
         mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, (Conv, Dense)):
+        if context.method_name == "__call__" and isinstance(mod, (Conv, Dense, DenseGeneral)):
             records["/".join(mod.path)] = (args[0], bool(mod.signed_input))
         return next_fun(*args, **kwargs)
 

@@ -6,8 +6,11 @@ File format (`jaxcompress.packed/1`): an uncompressed `.npz` with two arrays,
   the bytes `jaxcompress.cost.summarize(..., quantizer=...)` counts
   (`jaxcompress.quant.size`): bit-packed weight codes (Deep-Compression CSR
   relative indices for element-pruned layers), float32 scales (+ uint8 zero
-  points) or codebooks, float32 biases, activation clip values, and BatchNorm as
-  two float32 per channel (scale and shift folded with the running statistics);
+  points) or codebooks, float32 biases, activation clip values, BatchNorm as
+  two float32 per channel (scale and shift folded with the running statistics),
+  then every other parameter (LayerNorm / RMSNorm scales, embeddings) as float32.
+  A kernel is stored as an (inputs, outputs) matrix: an attention projection's
+  (heads, head_dim) outputs are one axis, one scale each;
 * `meta` (uint8, UTF-8 JSON): the zoo model name, its widths (so the loader
   rebuilds the shrunk network), input shape and normalisation, the weight
   quantizer, per layer its shape, bit widths, storage format and the offsets of
@@ -126,15 +129,17 @@ class _Payload:
         return np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint8)
 
 
-def _np_mask(flat_masks, key, shape) -> np.ndarray | None:
+def _np_mask(flat_masks, key, shape, out_ndim: int = 1) -> np.ndarray | None:
     """numpy twin of `qat.weight_mask` (0/1 products are exact in any order)."""
     km, cm = flat_masks.get(key + ("kernel",)), flat_masks.get(key + ("channel",))
     if km is None and cm is None:
         return None
     mask = np.ones(shape, np.float32)
-    for m in (km, cm):
-        if m is not None:
-            mask = mask * np.asarray(jax.device_get(m), np.float32)
+    if km is not None:
+        mask = mask * np.asarray(jax.device_get(km), np.float32)
+    if cm is not None:
+        cm = np.asarray(jax.device_get(cm), np.float32)
+        mask = mask * cm.reshape(cm.shape + (1,) * (out_ndim - 1))
     return mask
 
 
@@ -167,14 +172,17 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
         bits_w = int(float(flat_q.get(key + ("bits_w",), FLOAT_BITS)))
         bits_a = int(float(flat_q.get(key + ("bits_a",), FLOAT_BITS)))
         has_range = key + ("range_a",) in flat_q and bits_a < FLOAT_BITS
-        km = flat_m.get(key + ("kernel",))
-        keep_flat = size.channel_major(np.asarray(km) > 0) if km is not None else None
-        mask = _np_mask(flat_m, key, kernel.shape)
-        cout = int(kernel.shape[-1])
+        mask = _np_mask(flat_m, key, kernel.shape, layer.out_ndim)
+        # stored as an (inputs, outputs) matrix: a projection's (heads, head_dim) outputs are one axis
+        cout = int(np.prod(kernel.shape[kernel.ndim - layer.out_ndim:]))
+        matrix = lambda a: None if a is None else np.asarray(jax.device_get(a)).reshape(-1, cout)
+        kernel, mask, km = matrix(kernel), matrix(mask), matrix(flat_m.get(key + ("kernel",)))
+        keep_flat = size.channel_major(km > 0) if km is not None else None
         expected = size.layer_storage(int(kernel.size), cout, bits_w, quantizer, keep_flat=keep_flat,
                                       index_bits=index_bits[layer.kind], use_bias=layer.use_bias,
                                       activation_range=has_range)
-        rec = dict(path=layer.path, kind=layer.kind, shape=list(kernel.shape), bits_w=bits_w, bits_a=bits_a,
+        rec = dict(path=layer.path, kind=layer.kind, shape=list(np.shape(flat_p[key + ("kernel",)])),
+                   out_ndim=layer.out_ndim, bits_w=bits_w, bits_a=bits_a,
                    format=expected.format, entries=expected.entries, index_bits=index_bits[layer.kind],
                    use_bias=layer.use_bias, range_a=has_range)
         start = payload.offset
@@ -185,7 +193,7 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
             side = {}
         else:
             enc = _encode(jnp.asarray(w), jnp.float32(bits_w), quantizer, None if mask is None else jnp.asarray(mask),
-                          flat_q.get(key + ("assign_w",)))
+                          matrix(flat_q.get(key + ("assign_w",))))
             codes = size.channel_major(np.asarray(jax.device_get(enc["codes"])).astype(np.int64))
             width = bits_w
             side = enc
@@ -204,7 +212,7 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
                 payload.add("zero_point", np.asarray(jax.device_get(side["zero_point"])).astype(np.uint8).reshape(-1),
                             rec)
         if layer.use_bias:
-            payload.add("bias", _f32(flat_p[key + ("bias",)]), rec)
+            payload.add("bias", _f32(flat_p[key + ("bias",)]).reshape(-1), rec)
         if has_range:
             payload.add("range_a", _f32(flat_q[key + ("range_a",)]).reshape(1), rec)
         if payload.offset - start != expected.total:
@@ -219,12 +227,20 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
         payload.add("scale", _f32(flat_p[key + ("scale",)]), rec)
         payload.add("bias", _f32(flat_p[key + ("bias",)]), rec)
         norms.append(rec)
+    stored = {tuple(r["path"].split("/")) + (leaf,) for r in records for leaf in ("kernel", "bias")}
+    stored |= {tuple(r["path"].split("/")) + (leaf,) for r in norms for leaf in ("scale", "bias")}
+    others = []  # every other parameter (LayerNorm / RMSNorm scales, embeddings), float32 as it is
+    for key in sorted(k for k in flat_p if k not in stored):
+        rec = dict(path="/".join(key), shape=list(np.shape(flat_p[key])))
+        payload.add("value", _f32(flat_p[key]).reshape(-1), rec)
+        others.append(rec)
     data = payload.bytes()
     meta = dict(format=EXPORT_FORMAT, model=model_name, num_classes=int(num_classes),
                 widths=[int(w) for w in table.widths], input_shape=[int(s) for s in table.input_shape],
                 input_mean=None if input_mean is None else np.asarray(input_mean, np.float64).tolist(),
                 input_std=None if input_std is None else np.asarray(input_std, np.float64).tolist(),
-                weight_quantizer=quantizer.to_dict(), layers=records, norms=norms, payload_bytes=int(data.size),
+                weight_quantizer=quantizer.to_dict(), layers=records, norms=norms, params=others,
+                payload_bytes=int(data.size),
                 payload_sha256=sha256_hex(data.tobytes()))
     meta["meta_sha256"] = _meta_sha256(meta)
     meta_bytes = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)
@@ -272,7 +288,8 @@ def decode_kernel(payload: np.ndarray, rec: dict, quantizer: WeightQuantizer) ->
     """The dequantized float32 kernel of one layer record."""
     seg = _segments(payload, rec)
     shape = tuple(rec["shape"])
-    n, cout, bits = int(np.prod(shape)), shape[-1], rec["bits_w"]
+    cout = int(np.prod(shape[len(shape) - rec.get("out_ndim", 1):]))  # stored as an (inputs, outputs) matrix
+    n, bits = int(np.prod(shape)), rec["bits_w"]
     width = FLOAT_BITS if bits >= FLOAT_BITS else bits
     codes = pack.unpack_bits(seg["codes"], width, rec["entries"])
     if rec["format"] == "sparse":
@@ -299,7 +316,7 @@ def decode_kernel(payload: np.ndarray, rec: dict, quantizer: WeightQuantizer) ->
         values = np.asarray(_decode(side, jnp.float32(bits), quantizer))
     flat = np.zeros((n,), np.float32)
     flat[positions] = values
-    return jnp.asarray(size.from_channel_major(flat, shape))
+    return jnp.asarray(size.from_channel_major(flat, (n // cout, cout)).reshape(shape))
 
 
 def load_packed(path: str, model: nn.Module | None = None) -> tuple[nn.Module, dict, dict]:
@@ -318,7 +335,8 @@ def load_packed(path: str, model: nn.Module | None = None) -> tuple[nn.Module, d
         params[key + ("kernel",)] = decode_kernel(payload, rec, quantizer)
         seg = _segments(payload, rec)
         if rec["use_bias"]:
-            params[key + ("bias",)] = jnp.asarray(seg["bias"].view("<f4"))
+            out_shape = tuple(rec["shape"][len(rec["shape"]) - rec.get("out_ndim", 1):])
+            params[key + ("bias",)] = jnp.asarray(seg["bias"].view("<f4").reshape(out_shape))
         if rec["bits_a"] < FLOAT_BITS:
             quant[key + ("bits_a",)] = jnp.asarray(float(rec["bits_a"]), jnp.float32)
             if rec["range_a"]:
@@ -330,6 +348,9 @@ def load_packed(path: str, model: nn.Module | None = None) -> tuple[nn.Module, d
         params[key + ("bias",)] = jnp.asarray(seg["bias"].view("<f4"))
         stats[key + ("mean",)] = jnp.zeros((rec["channels"],), jnp.float32)
         stats[key + ("var",)] = jnp.full((rec["channels"],), rec["var"], jnp.float32)
+    for rec in meta.get("params", []):
+        params[tuple(rec["path"].split("/"))] = jnp.asarray(
+            _segments(payload, rec)["value"].view("<f4").reshape(rec["shape"]))
     want = traverse_util.flatten_dict(shapes["params"])
     missing = sorted("/".join(k) for k in set(want) - set(params))
     wrong = sorted("/".join(k) for k in want if k in params and tuple(params[k].shape) != tuple(want[k].shape))

@@ -44,8 +44,28 @@ from jaxcompress.train import Experiment, Recipe, Teacher, TrainState, fit
 WEIGHT_KEYS = ("bits_w", "assign_w")
 
 
-def weight_mask(flat_masks: Mapping, path: tuple, shape) -> jnp.ndarray | None:
-    """Element mask times the output-channel mask of a kernel (None when unmasked)."""
+def kernel_out_ndim(flat_params: Mapping, path: tuple) -> int:
+    """Trailing kernel axes that index outputs: the bias's rank where the layer has a bias
+    (2 for an attention projection's (heads, head_dim)), else 1 (Conv, Dense). A bias-free
+    DenseGeneral with several feature axes is read as one output axis."""
+    bias = flat_params.get(path + ("bias",))
+    return 1 if bias is None else max(1, len(np.shape(bias)))
+
+
+def output_matrix(a, out_ndim: int):
+    """A kernel (or its mask / cluster indices) as an (inputs, outputs) matrix: the weight
+    quantizers' one scale per output covers every output axis, (heads, head_dim) included
+    (None stays None)."""
+    if a is None or out_ndim == 1:
+        return a
+    shape = np.shape(a)
+    return jnp.reshape(a, (-1, int(np.prod(shape[len(shape) - out_ndim:]))))
+
+
+def weight_mask(flat_masks: Mapping, path: tuple, shape, out_ndim: int = 1) -> jnp.ndarray | None:
+    """Element mask times the output-channel mask of a kernel (None when unmasked). The
+    channel mask indexes the first of the `out_ndim` trailing output axes (`kernel_out_ndim`:
+    the heads of a (heads, head_dim) projection)."""
     km, cm = flat_masks.get(path + ("kernel",)), flat_masks.get(path + ("channel",))
     if km is None and cm is None:
         return None
@@ -53,7 +73,8 @@ def weight_mask(flat_masks: Mapping, path: tuple, shape) -> jnp.ndarray | None:
     if km is not None:
         mask = mask * jnp.asarray(km, jnp.float32)
     if cm is not None:
-        mask = mask * jnp.asarray(cm, jnp.float32)
+        cm = jnp.asarray(cm, jnp.float32)
+        mask = mask * cm.reshape(cm.shape + (1,) * (out_ndim - 1))
     return mask
 
 
@@ -78,9 +99,12 @@ def quantized_params(params: Mapping, masks: Mapping | None, quant: Mapping | No
             continue
         path = key[:-1]
         kernel = flat_p[path + ("kernel",)]
-        mask = weight_mask(flat_m, path, kernel.shape)
-        flat_p[path + ("kernel",)] = fake_quant_weight(kernel, bits, quantizer, mask,
-                                                       flat_q.get(path + ("assign_w",)))
+        n_out = kernel_out_ndim(flat_p, path)
+        as_matrix = functools.partial(output_matrix, out_ndim=n_out)
+        mask = weight_mask(flat_m, path, kernel.shape, n_out)
+        flat_p[path + ("kernel",)] = fake_quant_weight(
+            as_matrix(kernel), bits, quantizer, as_matrix(mask), as_matrix(flat_q.get(path + ("assign_w",)))
+        ).reshape(kernel.shape)
     return traverse_util.unflatten_dict(flat_p)
 
 
@@ -114,7 +138,10 @@ def add_kmeans_assignments(params: Mapping, masks: Mapping | None, quant: Mappin
             continue
         path = key[:-1]
         kernel = flat_p[path + ("kernel",)]
-        assign, _ = kmeans_1d(kernel, bits, weight_mask(flat_m, path, kernel.shape), iters=iters)
+        n_out = kernel_out_ndim(flat_p, path)
+        mask = weight_mask(flat_m, path, kernel.shape, n_out)
+        assign, _ = kmeans_1d(output_matrix(kernel, n_out), bits, output_matrix(mask, n_out), iters=iters)
+        assign = assign.reshape(kernel.shape)
         flat_q[path + ("assign_w",)] = assign
     return traverse_util.unflatten_dict(flat_q)
 
