@@ -22,6 +22,7 @@ BENCHMARKS = {
     "bench_bad_input": "benchmarks.bad_input:run",
     "bench_multiprocess": "benchmarks.multiprocess:run",
     "bench_stamp_seeds": "benchmarks.stamp_seeds:run",
+    "bench_lm_prune": "benchmarks.lm_prune:run",
 }
 ALL_JOBS = {**jobs.JOBS, **BENCHMARKS}
 DISTILLING = jobs.DISTILLING + ("bench_search_agents", "bench_budget_accuracy")

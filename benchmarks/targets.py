@@ -128,8 +128,14 @@ def peer_torch_pruning(s: Mapping) -> tuple[list, str]:
     return targets, s["table"]
 
 
+def lm_prune(s: Mapping) -> tuple[list, str]:
+    """Issue 18: the LM's perplexity after pruning 25% of its heads and 30% of its MLP neurons,
+    fine-tuned, against dense (no target set); masked == shrunk (logits within 1e-4)."""
+    return s["targets"], s["table"]
+
+
 JUDGES: dict[str, Callable[[Mapping], tuple[list, str]]] = {
-    "peer_torch_pruning": peer_torch_pruning,
+    "peer_torch_pruning": peer_torch_pruning, "lm_prune": lm_prune,
     "layer_overhead": layer_overhead, "search_speed": search_speed, "prune_speedup": prune_speedup,
     "width_alignment": prune_speedup, "latency_predictor": latency_predictor, "lenet5_mnist": lenet5_mnist,
     "prune_lenet5_mnist": prune_lenet5_mnist, "bad_input": bad_input,
