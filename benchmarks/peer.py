@@ -153,7 +153,7 @@ def allocate_counts(table, allocation: str, flops_budget: float, groups, multipl
     that this device's measured layer table rates fastest at `batch`,
     `jaxcompress.pruning.allocate`)."""
     if allocation == "latency":
-        return device_latency_counts(table, flops_budget, groups, multiple, batch), "latency allocation"
+        return device_latency_counts(table, flops_budget, groups, multiple, batch)[0], "latency allocation"
     ratio = C.keep_ratio_for_flops(table, flops_budget, groups, multiple)
     return C.keep_counts(table, ratio, groups, multiple), f"uniform keep ratio {ratio:.4f}"
 

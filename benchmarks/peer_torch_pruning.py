@@ -136,6 +136,23 @@ def conv_linear_macs(torch, nn, model, example) -> int:
     return int(total[0])
 
 
+def interleaved_ms(torch, runs: dict, args) -> dict:
+    """{name: median ms} of each `name -> (module, input)` under `torch.no_grad()`:
+    `--warmup` calls each, then `--rounds` rounds of `--calls` calls each, in alternation."""
+    samples = {k: [] for k in runs}
+    with torch.no_grad():
+        for m, inp in runs.values():
+            for _ in range(args.warmup):
+                m(inp)
+        for _ in range(args.rounds):
+            for k, (m, inp) in runs.items():
+                for _ in range(args.calls):
+                    t0 = time.perf_counter()
+                    m(inp)
+                    samples[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
 def time_convs(torch, args) -> dict:
     """{"HWxC": {"nchw": ms, "channels_last": ms}}: one 3x3 C -> C conv (stride 1, padding 1,
     no bias) at batch `--batch-size`, eval, no_grad; warm-up, then interleaved medians."""
@@ -147,18 +164,7 @@ def time_convs(torch, args) -> dict:
         cl = torch.channels_last
         runs = {"nchw": (conv, x), "channels_last": (copy.deepcopy(conv).to(memory_format=cl),
                                                      x.contiguous(memory_format=cl))}
-        samples = {k: [] for k in runs}
-        with torch.no_grad():
-            for m, inp in runs.values():
-                for _ in range(args.warmup):
-                    m(inp)
-            for _ in range(args.rounds):
-                for k, (m, inp) in runs.items():
-                    for _ in range(args.calls):
-                        t0 = time.perf_counter()
-                        m(inp)
-                        samples[k].append(time.perf_counter() - t0)
-        out[shape] = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+        out[shape] = interleaved_ms(torch, runs, args)
     return out
 
 
@@ -269,20 +275,10 @@ def main(argv=None) -> dict:
     nets = {"dense": (dense, x), "pruned": (pruned, x),  # NCHW (PyTorch's default) and channels_last (NHWC)
             "dense_channels_last": (copy.deepcopy(dense).to(memory_format=cl), x_cl),
             "pruned_channels_last": (copy.deepcopy(pruned).to(memory_format=cl), x_cl)}
-    samples = {k: [] for k in nets}
     with torch.no_grad():
         out = pruned(x[:2])
-        assert tuple(out.shape) == (2, 10), out.shape
-        for m, inp in nets.values():
-            for _ in range(args.warmup):
-                m(inp)
-        for _ in range(args.rounds):
-            for k, (m, inp) in nets.items():
-                for _ in range(args.calls):
-                    t0 = time.perf_counter()
-                    m(inp)
-                    samples[k].append(time.perf_counter() - t0)
-    lat = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    assert tuple(out.shape) == (2, 10), out.shape
+    lat = interleaved_ms(torch, nets, args)
     result = dict(
         library="torch-pruning", **versions, model=f"resnet{args.depth}", threads=threads,
         weights=weights_source,

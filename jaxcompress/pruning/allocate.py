@@ -60,13 +60,15 @@ def latency_counts(table: ModelTable, flops_budget: float, latency: Callable[[li
 
 
 def device_latency_counts(table: ModelTable, flops_budget: float, groups: Sequence[int], multiple: int | None,
-                          batch: int, path: str | None = None) -> list[int]:
-    """`latency_counts` on this device at this batch size: this device's cached layer table
-    (`jaxcompress.latency.LatencyTable`, at `path` or the default cache) predicts, the
+                          batch: int, path: str | None = None) -> tuple[list[int], Callable]:
+    """`(counts, predict)`: `latency_counts` on this device at this batch size, where this
+    device's cached layer table (`jaxcompress.latency.LatencyTable`, at `path` or the
+    default cache) predicts (`predict(widths)`: its sum over the layers, seconds) and the
     best-predicted candidates measured as whole networks decide."""
     predict = lat.LatencyModel(lat.LatencyTable.load(path), table, batch).layer_sum
-    return latency_counts(table, flops_budget, predict, groups, multiple,
-                          measure=lambda ws: lat.measure_networks(table, ws, batch))
+    counts = latency_counts(table, flops_budget, predict, groups, multiple,
+                            measure=lambda ws: lat.measure_networks(table, ws, batch))
+    return counts, predict
 
 
 def latency_allocations(table: ModelTable, flops_budget: float, latency: Callable[[list[int]], float],

@@ -14,7 +14,7 @@ import jax
 from absl import logging
 
 from jaxcompress import cost, pipeline, schema
-from jaxcompress.latency import LatencyModel, LatencyTable, latency_model
+from jaxcompress.latency import latency_model
 from jaxcompress.pruning import criteria as C
 from jaxcompress.pruning.allocate import device_latency_counts
 from jaxcompress.pruning.plan import PrunePlan
@@ -45,8 +45,7 @@ def latency_allocation(table, flops_budget: float, scope: str, multiple: int | N
     at this batch size (`allocate.device_latency_counts`; the prediction is the layer
     table's sum)."""
     groups = C.prunable_groups(table, scope)
-    counts = device_latency_counts(table, flops_budget, groups, multiple, batch)
-    predict = LatencyModel(LatencyTable.load(), table, batch).layer_sum
+    counts, predict = device_latency_counts(table, flops_budget, groups, multiple, batch)
     ratios = {table.group_names[g]: counts[g] / table.widths[g] for g in groups}
     return ratios, predict(counts) / predict(list(table.widths))
 
