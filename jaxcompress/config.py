@@ -83,7 +83,10 @@ SCHEMA = Section(
         # stored
         val_size=Int(5000, lo=1), classes=classes(()), augment=Bool(False),
         # > 0: stratified subsets of this many train / test examples (short budgets)
-        train_size=Int(0, lo=0, note="0: every example"), test_size=Int(0, lo=0, note="0: every example")),
+        train_size=Int(0, lo=0, note="0: every example"), test_size=Int(0, lo=0, note="0: every example"),
+        # tfds datasets: read each image when a batch needs it, not the whole split at start (each process of a
+        # many-host run then reads only its rows; splits larger than memory work); digits / npz ignore it
+        lazy=Bool(False)),
 
     # batch_size / eval_batch_size are global: over all devices and processes together (each of N processes
     # reads batch_size / N rows of every batch), so a run's numbers do not depend on how many hosts it uses
@@ -97,7 +100,11 @@ SCHEMA = Section(
         # knowledge distillation (Hinton et al. 2015) in the fine-tunes of the prune, quantize and search jobs:
         # loss = (1 - w) CE + w T^2 KL(teacher_T || student_T), the teacher being the job's reference network
         distill_weight=fraction(0.0, note="0: no distillation"),
-        distill_temperature=rate(4.0, note="Hinton et al.: 2-8")),
+        distill_temperature=rate(4.0, note="Hinton et al.: 2-8"),
+        # compute dtype of the jitted train / eval steps: float32 | bfloat16 (mixed precision: float32 weights,
+        # optimizer state, BatchNorm statistics and losses; forward and backward in bfloat16)
+        dtype=Choice("float32", ("float32", "bfloat16")),
+        prefetch=Int(2, lo=0, hi=64, note="0: off")),  # batches placed on the devices ahead of the training step
 
     # job "prune": criterion l1 | l2 | bn | snip | random | lasso | variational
     prune=Section(

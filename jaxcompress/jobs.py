@@ -6,6 +6,7 @@ import importlib
 import os
 from typing import Callable, Mapping
 
+from jaxcompress import files
 from jaxcompress.distributed import initialize_from_config
 from jaxcompress.errors import ConfigError
 from jaxcompress.schema import validate
@@ -58,7 +59,7 @@ def run(config, workdir: str, jobs: Mapping[str, str] = JOBS, distilling=DISTILL
     # once per process, before any JAX computation; every job (and every job a job runs) shares it
     multihost = initialize_from_config(config)
     try:
-        os.makedirs(workdir, exist_ok=True)
+        files.make_dirs(workdir)
     except OSError as e:  # a file there, no permission, ...
         raise ConfigError(f"--workdir={workdir}: cannot be used as the run's directory ({type(e).__name__}: "
                           f"{e.strerror or e}); give a new or existing directory") from None

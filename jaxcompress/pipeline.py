@@ -18,6 +18,7 @@ import os
 
 from absl import logging
 
+from jaxcompress import files
 from jaxcompress.models import describe
 from jaxcompress.pruning.plan import PrunePlan, pruning_masks
 from jaxcompress.pruning.surgery import shrink
@@ -51,7 +52,7 @@ def finetune(exp: Experiment, variables: dict, recipe: Recipe, workdir: str, *, 
     if recipe.num_epochs <= 0:
         return state
     state, _ = fit(state, exp, recipe, workdir, teacher=teacher)
-    if best and os.path.isdir(os.path.join(workdir, "best")):
+    if best and files.is_dir(os.path.join(workdir, "best")):
         state = load_trained(exp, workdir, recipe, state.variables())
     return state
 

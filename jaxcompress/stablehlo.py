@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from jaxcompress import files
 from jaxcompress.data.transforms import normalize
 from jaxcompress.storage import sha256_hex
 
@@ -54,12 +55,9 @@ def export_stablehlo(path: str, apply_fn: Callable, variables: Mapping, input_sh
     batch, = export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *input_shape), jnp.uint8 if raw else jnp.float32)
     data = bytes(export.export(jax.jit(net), platforms=tuple(platforms))(spec).serialize())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+    files.write_atomic(path, data)
     digest = sha256_hex(data)
-    with open(path + ".sha256", "w") as f:
-        f.write(f"{digest}  {os.path.basename(path)}\n")
+    files.write_atomic(path + ".sha256", f"{digest}  {os.path.basename(path)}\n")
     return {"path": path, "bytes": len(data), "sha256": digest, "platforms": list(platforms),
             "input": f"{spec.dtype.name}[n,{','.join(map(str, input_shape))}]"}
 
@@ -67,14 +65,12 @@ def export_stablehlo(path: str, apply_fn: Callable, variables: Mapping, input_sh
 def load_stablehlo(path: str) -> export.Exported:
     """`jax.export.deserialize` of `path`, its `<path>.sha256` (when present) verified
     first; call the result's `.call(x)`."""
-    if not os.path.isfile(path):
+    if not files.is_file(path):
         raise StableHLOFileError(f"no StableHLO file at {path}; export one with export_stablehlo or the quantize job")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = files.read_bytes(path)
     sidecar = path + ".sha256"
-    if os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            expected = f.read().split()[:1]
+    if files.is_file(sidecar):
+        expected = files.read_text(sidecar).split()[:1]
         if expected != [sha256_hex(data)]:
             raise StableHLOFileError(f"{path} does not match its checksum in {sidecar}: the file is damaged; "
                                      f"export it again")

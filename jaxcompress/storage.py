@@ -37,6 +37,7 @@ import math
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 
 from jaxcompress.errors import ConfigError
 
@@ -218,7 +219,7 @@ def sha256_hex(data) -> str:
 def file_sha256(path: str) -> str:
     """The hex sha256 of the file at `path`, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

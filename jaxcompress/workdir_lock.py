@@ -21,6 +21,7 @@ import uuid
 
 from absl import logging
 
+from jaxcompress import files
 from jaxcompress.errors import ConfigError
 
 LOCK_NAME = ".lock"
@@ -153,6 +154,11 @@ def workdir_lock(workdir: str, multihost: bool = False):
     `multihost`: a no-op (yields None), since every process of a multi-host run runs the
     job on the same workdir; its launcher owns those processes."""
     if multihost:
+        yield None
+        return
+    if files.is_remote(workdir):  # an object store has no exclusive create: the user keeps runs apart
+        logging.warning("workdir %s is remote: it is not locked against a second run; start one run per "
+                        "workdir", workdir)
         yield None
         return
     path = os.path.join(os.path.abspath(workdir), LOCK_NAME)

@@ -258,8 +258,8 @@ def test_nan_in_a_search_iteration_stops_there_and_keeps_the_checkpoint(tmp_path
     kw = dict(num_actors=4, episodes=16, seed=0, log_every=0, checkpoint_dir=str(tmp_path), checkpoint_every=1)
     original, calls = search_module._compiled_iteration, []
 
-    def poisoned(spec, state, data):
-        compiled, seconds = original(spec, state, data)
+    def poisoned(spec, state, data, mesh=None):
+        compiled, seconds = original(spec, state, data, mesh)
 
         def step(state, data):
             calls.append(1)

@@ -141,7 +141,7 @@ def test_splits_a_and_b_are_disjoint_samples_of_the_validation_split(zoo):
     # through eval_data: every validation image is its own index; no test split exists here
     n = 60
     x = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 28, 28, 1)).copy()
-    exp = types.SimpleNamespace(val=(x, np.arange(n) % 10), mean=0.0, std=1.0 / 255)
+    exp = types.SimpleNamespace(val=(x, np.arange(n) % 10), mean=0.0, std=1.0 / 255, mesh=None)
     variables = zoo.variables("lenet5")
     da, db = eval_data(exp, variables, 24, 0), eval_data(exp, variables, 40, 0, skip=24)
     ia, ib = (np.round(np.asarray(d["images"])[:, 0, 0, 0]).astype(int) for d in (da, db))
@@ -153,7 +153,7 @@ def test_the_jobs_rerank_scores_split_b_with_the_searchs_scoring(setup):
     n = 64
     x = np.random.default_rng(2).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
     labels = np.random.default_rng(3).integers(0, 10, n)
-    exp = types.SimpleNamespace(val=(x, labels), mean=0.5, std=0.25)
+    exp = types.SimpleNamespace(val=(x, labels), mean=0.5, std=0.25, mesh=None)
     s = types.SimpleNamespace(rerank_top_k=3, rerank_size=2000, eval_size=24, candidate_finetune_steps=0,
                               candidate_finetune_batch=64)
     scoring = (setup.evaluate, setup.reward_fn)

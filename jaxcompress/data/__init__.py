@@ -12,7 +12,7 @@ Language models: `load_python_stdlib(seq_len)`, byte tokens of the Python standa
 library's source (offline), split by file.
 """
 
-from jaxcompress.data.pipeline import BatchIterator, iterate_eval, shard_batch
+from jaxcompress.data.pipeline import BatchIterator, DevicePrefetcher, iterate_eval, shard_batch
 from jaxcompress.data.sources import DataError, Dataset, load_dataset
 from jaxcompress.data.text import TextCorpus, load_python_stdlib
 from jaxcompress.data.transforms import (
@@ -27,6 +27,7 @@ from jaxcompress.data.transforms import (
 __all__ = [
     "BatchIterator",
     "DataError",
+    "DevicePrefetcher",
     "Dataset",
     "TextCorpus",
     "augment_cifar",

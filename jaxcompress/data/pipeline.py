@@ -6,6 +6,7 @@ jitted step on device.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -153,3 +154,52 @@ def shard_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Arra
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
                 for k, v in batch.items()}
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+class DevicePrefetcher:
+    """The batches of a `BatchIterator`, placed on devices (`shard_batch`) `size` batches
+    ahead of the one being trained on, and at most `limit` of them in all (None: no limit).
+
+    `flax.jax_utils.prefetch_to_device` for our sharded global batches: `device_put` is
+    asynchronous, so the next batches' host gathering and transfers overlap the running
+    step. `get_state()` and `examples_read` count only the batches handed out by
+    `next()` (as the wrapped iterator's would without prefetching), never the ones
+    waiting in the buffer, so a checkpoint records the position of what was trained on.
+    `limit` (the steps left to run) keeps the buffer from drawing past the last step.
+    `size=0` draws and places each batch when it is asked for.
+    """
+
+    def __init__(self, iterator: BatchIterator, sharding, size: int = 2, limit: int | None = None):
+        if size < 0:
+            raise ValueError(f"prefetch size must be >= 0, got {size}.")
+        self._it, self._sharding, self._size = iterator, sharding, int(size)
+        self._left = None if limit is None else int(limit)  # batches still to draw from the iterator
+        self._buffer = collections.deque()  # (device batch, iterator position after it, examples read after it)
+        self._state, self.examples_read = iterator.get_state(), iterator.examples_read
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._it.steps_per_epoch
+
+    def _draw(self, n: int) -> None:
+        for _ in range(n):
+            if self._left is not None and self._left <= 0:
+                return
+            batch = shard_batch(next(self._it), self._sharding)
+            self._buffer.append((batch, self._it.get_state(), self._it.examples_read))
+            if self._left is not None:
+                self._left -= 1
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        self._draw(self._size + 1 - len(self._buffer))
+        if not self._buffer:
+            raise StopIteration
+        batch, self._state, self.examples_read = self._buffer.popleft()
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        """The wrapped iterator's position after the last batch `next()` returned."""
+        return dict(self._state)

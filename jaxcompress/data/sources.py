@@ -24,6 +24,7 @@ import zipfile
 import numpy as np
 
 from jaxcompress.data import transforms
+from jaxcompress.data.lazy import LazyImages
 
 DATA_DIR_ENV = "JAXCOMPRESS_DATA_DIR"
 NPZ_SHORTCUTS = ("mnist", "cifar10")
@@ -94,6 +95,7 @@ def load_dataset(
     data_dir: str | None = None,
     image_size: int | None = None,
     channels: int | None = None,
+    lazy: bool = False,
 ) -> Dataset:
     """Loads a dataset by name (see the module docstring for the forms).
 
@@ -104,6 +106,9 @@ def load_dataset(
       image_size: if given, resize images (bilinear) to image_size x image_size.
         Required for datasets of varying image size such as tfds:imagenet2012.
       channels: if given, 1 (average RGB to grey) or 3 (replicate grey).
+      lazy: a tfds dataset's images are read when indexed (`jaxcompress.data.lazy`),
+        not all at load: each process of a many-host run reads only its rows, and a
+        split larger than memory works. In-memory sources (digits, npz) ignore it.
 
     Raises:
       DataError: with a one-line explanation of what is wrong and how to fix it.
@@ -128,13 +133,13 @@ def load_dataset(
             hint = (f"no {name}.npz in {folder!r}" if folder else
                     f"no data folder set ({DATA_DIR_ENV} / --config.data.data_dir) holding {name}.npz")
             from jaxcompress.data import tfds_source  # lazy: tfds import is slow
-            ds = tfds_source.load_tfds(name, data_dir=data_dir, image_size=image_size, hint=hint)
+            ds = tfds_source.load_tfds(name, data_dir=data_dir, image_size=image_size, hint=hint, lazy=lazy)
     elif name.startswith("npz:"):
         path = _resolve_path(name[len("npz:"):], data_dir)
         ds = _load_npz(path, name)
     elif name.startswith("tfds:"):
         from jaxcompress.data import tfds_source  # lazy: tfds import is slow
-        ds = tfds_source.load_tfds(name[len("tfds:"):], data_dir=data_dir, image_size=image_size)
+        ds = tfds_source.load_tfds(name[len("tfds:"):], data_dir=data_dir, image_size=image_size, lazy=lazy)
     else:
         raise DataError(f"Unknown dataset {name!r}: {_VALID_FORMS}.")
     return _convert(ds, image_size, channels)
@@ -255,18 +260,28 @@ def _load_npz(path: str, name: str) -> Dataset:
 
 
 def _convert(ds: Dataset, image_size: int | None, channels: int | None) -> Dataset:
-    """Applies the optional channel conversion and square resize to both splits."""
-    c = ds.image_shape[2]
+    """Applies the optional channel conversion and square resize to both splits (to a
+    lazy split's images as they are read)."""
+    h, w, c = ds.image_shape
     if channels is not None and c not in (1, 3):
         raise DataError(f"{ds.name}: cannot convert {c}-channel images to {channels} channels "
                         f"(only 1 <-> 3 is supported).")
-    xs = [ds.x_train, ds.x_test]
+    steps = []
     if channels == 1 and c == 3:  # shrink first: cheaper resize
-        xs = [transforms.to_grey(x) for x in xs]
-    if image_size is not None and ds.image_shape[:2] != (image_size, image_size):
-        xs = [transforms.resize_images(x, image_size) for x in xs]
+        steps.append(transforms.to_grey)
+    if image_size is not None and (h, w) != (image_size, image_size):
+        steps.append(lambda x: transforms.resize_images(x, image_size))
+        h = w = image_size
     if channels == 3 and c == 1:
-        xs = [np.repeat(x, 3, axis=-1) for x in xs]
-    if xs[0] is ds.x_train and xs[1] is ds.x_test:
+        steps.append(lambda x: np.repeat(x, 3, axis=-1))
+    if not steps:
         return ds
+
+    def convert(x):
+        for step in steps:
+            x = step(x)
+        return x
+
+    shape = (h, w, channels or c)
+    xs = [x.map(convert, shape) if isinstance(x, LazyImages) else convert(x) for x in (ds.x_train, ds.x_test)]
     return dataclasses.replace(ds, x_train=xs[0], x_test=xs[1])

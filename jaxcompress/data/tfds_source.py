@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxcompress.data import transforms
+from jaxcompress.data.lazy import LazyImages
 from jaxcompress.data.sources import DataError, Dataset
 
 # Datasets whose held-out split is not called "test".
@@ -22,7 +23,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = None,
-              hint: str | None = None) -> Dataset:
+              hint: str | None = None, lazy: bool = False) -> Dataset:
     """Loads the train and test (or validation) splits of a prepared tfds dataset.
 
     Args:
@@ -31,6 +32,8 @@ def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = N
       image_size: resize each image to image_size x image_size while reading
         (required when the dataset's images vary in size).
       hint: extra context for the "not prepared" error (e.g. which npz was missing).
+      lazy: read only the labels now and each image when it is indexed
+        (`LazyImages`; the image feature is not decoded while the labels are read).
     """
     name = name.strip()
     if not name:
@@ -76,12 +79,27 @@ def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = N
                             f"{builder.data_dir} ({_first_line(e)}); re-prepare it with "
                             f"file_format='array_record'.") from e
 
-    x_train, y_train = _read_split(sources[splits[0]], image_size, f"tfds:{name}[{splits[0]}]")
-    x_test, y_test = _read_split(sources[splits[1]], image_size, f"tfds:{name}[{splits[1]}]")
+    read = _lazy_split if lazy else _read_split
+    x_train, y_train = read(sources[splits[0]], image_size, f"tfds:{name}[{splits[0]}]")
+    x_test, y_test = read(sources[splits[1]], image_size, f"tfds:{name}[{splits[1]}]")
     names = tuple(label.names) if label.names else None
     return Dataset(name=f"tfds:{name}", x_train=x_train, y_train=y_train,
                    x_test=x_test, y_test=y_test, num_classes=int(label.num_classes),
                    class_names=names)
+
+
+def _decode(example, image_size: int | None, what: str, i: int, shape=None) -> np.ndarray:
+    """One example's image as uint8 (H, W, C), resized to `image_size` if given; an
+    image of another dtype or of a shape other than `shape` is a DataError."""
+    img = np.asarray(example["image"])
+    if img.ndim == 2:
+        img = img[..., None]
+    if image_size is not None and img.shape[:2] != (image_size, image_size):
+        img = transforms.resize_images(img[None], image_size)[0]
+    if img.dtype != np.uint8 or (shape is not None and img.shape != tuple(shape)):
+        raise DataError(f"{what}: example {i} is {img.dtype} {img.shape}, expected uint8 "
+                        f"{tuple(shape) if shape is not None else ''}; pass image_size to resize.")
+    return img
 
 
 def _read_split(source, image_size: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,18 +107,39 @@ def _read_split(source, image_size: int | None, what: str) -> tuple[np.ndarray, 
     n = len(source)
     images, labels = None, np.empty((n,), np.int32)
     for i, example in enumerate(source):
-        img = np.asarray(example["image"])
-        if img.ndim == 2:
-            img = img[..., None]
-        if image_size is not None and img.shape[:2] != (image_size, image_size):
-            img = transforms.resize_images(img[None], image_size)[0]
+        img = _decode(example, image_size, what, i, None if images is None else images.shape[1:])
         if images is None:
             images = np.empty((n,) + img.shape, np.uint8)
-        if img.shape != images.shape[1:] or img.dtype != np.uint8:
-            raise DataError(f"{what}: example {i} is {img.dtype} {img.shape}, expected uint8 "
-                            f"{images.shape[1:]}; pass image_size to resize.")
         images[i] = img
         labels[i] = int(example["label"])
     if images is None:
         raise DataError(f"{what} is empty.")
     return images, labels
+
+
+def _lazy_split(source, image_size: int | None, what: str) -> tuple[LazyImages, np.ndarray]:
+    """Every label of a data source now (its images not decoded: `_labels`) and its
+    images as a `LazyImages` that decodes an example when it is indexed."""
+    labels = _labels(source)
+    if not len(labels):
+        raise DataError(f"{what} is empty.")
+    shape = _decode(source[0], image_size, what, 0).shape
+
+    def read(indices):
+        return np.stack([_decode(source[int(i)], image_size, what, int(i), shape) for i in indices])
+
+    return LazyImages(read, np.arange(len(labels)), shape), labels
+
+
+def _labels(source) -> np.ndarray:
+    """The labels of a `tfds.data_source`, read without decoding its images (the image
+    feature skipped, `tfds.decode.SkipDecoding`) when the source was made by name."""
+    import tensorflow_datasets as tfds
+
+    info = getattr(source, "dataset_info", None)
+    try:
+        skipping = tfds.data_source(info.full_name, split=source.split, data_dir=info.data_dir,
+                                    download=False, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception:  # a source not made by name (or mocked): read the examples whole
+        skipping = source
+    return np.asarray([int(example["label"]) for example in skipping], np.int32)

@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.data.lazy import LazyImages, take_rows
+
 _CHUNK = 4096  # images per chunk in the memory-friendly host loops
+STATS_SAMPLE = 10_000  # images of a lazy (read-on-demand) split that `channel_stats` reads
 
 
 def stratified_split_indices(y: np.ndarray, val_size: int | float,
@@ -75,7 +78,7 @@ def split_validation(x, y, val_size: int | float, seed: int = 0):
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
     keep, held = stratified_split_indices(y, val_size, seed)
-    return (x[keep], y[keep]), (x[held], y[held])
+    return (take_rows(x, keep), y[keep]), (take_rows(x, held), y[held])
 
 
 def stratified_subset(x, y, size: int, seed: int = 0):
@@ -84,7 +87,7 @@ def stratified_subset(x, y, size: int, seed: int = 0):
     if not size or size >= len(y):
         return x, y
     _, keep = stratified_split_indices(y, int(size), seed)
-    return x[keep], y[keep]
+    return take_rows(x, keep), y[keep]
 
 
 def select_classes(x, y, classes: Sequence[int], relabel: bool = True):
@@ -106,15 +109,18 @@ def select_classes(x, y, classes: Sequence[int], relabel: bool = True):
     if relabel:
         order = np.argsort(classes)  # new label of the k-th smallest class
         y_sel = order[np.searchsorted(np.asarray(classes)[order], y_sel)].astype(np.int32)
-    return x[mask], y_sel
+    return take_rows(x, mask), y_sel
 
 
 def channel_stats(x_uint8) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of uint8 images (last axis = channel), in [0, 1] units.
 
     Accumulates exact integer sums over chunks of images, so it never holds a
-    float copy of the dataset. Returns float32 arrays of shape (C,).
+    float copy of the dataset. Returns float32 arrays of shape (C,). Of a lazy split
+    (`LazyImages`) longer than `STATS_SAMPLE`, only that many evenly spaced images are read.
     """
+    if isinstance(x_uint8, LazyImages) and len(x_uint8) > STATS_SAMPLE:
+        x_uint8 = x_uint8[np.linspace(0, len(x_uint8) - 1, STATS_SAMPLE).astype(np.int64)]
     x = np.asarray(x_uint8)
     if x.dtype != np.uint8 or x.ndim < 2:
         raise ValueError(f"channel_stats expects uint8 images (..., C), got {x.dtype} {x.shape}.")

@@ -28,8 +28,8 @@ packs mixed bit widths with relative indices.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Mapping
 
 import flax.linen as nn
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxcompress import files
 from jaxcompress.models import create_model
 from jaxcompress.quant import pack, size
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer, decode_weight, encode_weight
@@ -244,10 +245,10 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
                 payload_sha256=sha256_hex(data.tobytes()))
     meta["meta_sha256"] = _meta_sha256(meta)
     meta_bytes = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, payload=data, meta=meta_bytes)
-    return dict(path=path, file_bytes=os.path.getsize(path), payload_bytes=int(data.size),
+    buffer = io.BytesIO()
+    np.savez(buffer, payload=data, meta=meta_bytes)
+    files.write_atomic(path, buffer.getvalue())
+    return dict(path=path, file_bytes=len(buffer.getvalue()), payload_bytes=int(data.size),
                 meta_bytes=int(meta_bytes.size), layers=records)
 
 
@@ -258,7 +259,7 @@ def export_packed(path: str, table, variables: Mapping, *, model_name: str, num_
 def read_packed(path: str) -> tuple[np.ndarray, dict]:
     """(payload, meta) of a packed file, its checksums verified (module docstring)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as z:
             if "payload" not in z or "meta" not in z:
                 raise PackedFileError(f"{path} is not a jaxcompress packed file (needs 'payload' and 'meta')")
             payload, meta = np.asarray(z["payload"]), json.loads(bytes(np.asarray(z["meta"])).decode())

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Mapping
 
 import jax.numpy as jnp
 
+from jaxcompress import files
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.table import ModelTable
 from jaxcompress.quant.quantizers import FLOAT_BITS
@@ -118,20 +118,17 @@ def write_policy(path: str, bits_w: Mapping[str, int], bits_a: Mapping[str, int]
     if widths is not None:
         policy["widths"] = [int(w) for w in widths]
     policy.update(info)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(policy, f, indent=2, sort_keys=True)
+    files.write_atomic(path, json.dumps(policy, indent=2, sort_keys=True))
     return policy
 
 
 def read_policy(path: str, table: ModelTable, model: str | None = None) -> dict:
     """Reads and checks a policy file against `table` (and the model name); returns the
     dict with `bits_w` / `bits_a` ({layer: bits}, possibly partial)."""
-    if not os.path.isfile(path):
+    if not files.is_file(path):
         raise ConfigError(f"quant.policy file {path} does not exist")
     try:
-        with open(path) as f:
-            policy = json.load(f)
+        policy = json.loads(files.read_text(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"quant.policy file {path} is not valid JSON ({e})") from None
     if not isinstance(policy, dict) or policy.get("format") != POLICY_FORMAT:

@@ -1,7 +1,6 @@
 """Matplotlib figures (Agg backend: no display needed)."""
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -10,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcompress import files  # noqa: E402
 from jaxcompress.distributed import is_primary  # noqa: E402
 
 
@@ -27,7 +27,6 @@ def plot_layer_bars(path: str, names: Sequence[str], series: Mapping[str, Sequen
     ax.legend()
     fig.tight_layout()
     if is_primary():  # one writer on many hosts
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120)
+        files.save_figure(fig, path)
     plt.close(fig)
     return path

@@ -101,9 +101,20 @@ def eval_data(exp, variables, size: int, seed: int, train_steps: int = 0, train_
               skip: int = 0) -> dict:
     """A fixed sample of the validation split (never the test split), normalised
     (`validation_sample`); with `train_steps`, also that many fixed training batches
-    (per-candidate fine-tune), the same for every `skip`."""
+    (per-candidate fine-tune), the same for every `skip`. The search splits the images
+    over `exp.mesh` (`place_on_mesh`): a sample cut short by the end of the validation
+    split is trimmed to a multiple of its devices (`search.eval_size` and
+    `search.rerank_size` themselves are checked up front, `check_batches`)."""
     x, y = exp.val
     idx = validation_sample(len(x), size, seed, skip)
+    devices = exp.mesh.size if exp.mesh is not None else 1
+    if len(idx) % devices:
+        logging.warning("search: %d validation images left for a sample of %d; using %d, a multiple of the %d "
+                        "devices", len(idx), size, len(idx) - len(idx) % devices, devices)
+        idx = idx[:len(idx) - len(idx) % devices]
+        if not len(idx):
+            raise ConfigError(f"the validation split ({len(x)} images) leaves no images for a search sample of "
+                              f"{size} after {skip}; raise data.val_size")
     data = dict(variables={k: v for k, v in variables.items() if k in ("params", "batch_stats", "masks")},
                 images=jnp.asarray(normalize(x[idx], exp.mean, exp.std)), labels=jnp.asarray(y[idx], jnp.int32))
     if train_steps:
@@ -163,7 +174,7 @@ def search_pruning(s, env, exp, variables, seed: int, workdir: str, scoring=None
     evaluator, reward_fn = scoring or stage1_scoring(s, env, exp, variables)
     return run_search(env, agent, evaluator, reward_fn, data, num_actors=s.num_actors, episodes=s.episodes, seed=seed,
                       checkpoint_dir=os.path.join(workdir, "stage1"), checkpoint_every=s.checkpoint_every,
-                      log_every=s.log_every, name="stage 1 (pruning)")
+                      log_every=s.log_every, name="stage 1 (pruning)", mesh=exp.mesh)
 
 
 def check_rerank(s, n_val: int) -> None:
@@ -192,7 +203,7 @@ def rerank_stage1(s, exp, variables, res1, scoring, seed: int) -> dict | None:
     data_b = eval_data(exp, variables, s.rerank_size, seed, s.candidate_finetune_steps, s.candidate_finetune_batch,
                        skip=s.eval_size)
     evaluator, reward_fn = scoring
-    out = rerank(evaluator, reward_fn, res1.history, data_b, s.rerank_top_k)
+    out = rerank(evaluator, reward_fn, res1.history, data_b, s.rerank_top_k, exp.mesh)
     out["size_a"] = min(s.eval_size, n_val)
     c = out["candidates"][out["chosen"]]
     logging.info("stage 1 re-ranking: %d candidates on %d held-out images; chosen #%d (split A reward %.4f, "
@@ -337,7 +348,8 @@ def search_bits(config, small_exp, small_state, dense_bytes: float, workdir: str
     res2 = run_search(qenv, qagent, make_quant_evaluator(qenv, small_exp.model, q.bits_a or None, chunk),
                       make_reward_fn("acc"), data, num_actors=s.num_actors, episodes=q.episodes,
                       seed=config.seed + 1, checkpoint_dir=os.path.join(workdir, "stage2"),
-                      checkpoint_every=s.checkpoint_every, log_every=s.log_every, name="stage 2 (bits)")
+                      checkpoint_every=s.checkpoint_every, log_every=s.log_every, name="stage 2 (bits)",
+                      mesh=small_exp.mesh)
     best = res2.best
     bits = {layer.path: int(b) for layer, b in zip(qtable.layers, np.asarray(best["values"]).astype(int))}
     write_policy(os.path.join(workdir, "bits_policy.json"), bits,

@@ -1,7 +1,6 @@
 """Search reports: Pareto fronts of evaluated candidates, best policy per budget, plots."""
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -10,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcompress import files  # noqa: E402
 from jaxcompress.distributed import is_primary  # noqa: E402
 
 
@@ -59,9 +59,8 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def _save(fig, path: str) -> str:
     if is_primary():  # one writer on many hosts
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        files.save_figure(fig, path)
     plt.close(fig)
     return path
 

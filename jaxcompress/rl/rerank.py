@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.rl.search import on_one_device
+from jaxcompress.rl.search import place_on_mesh
 
 
 def top_distinct(values, scores: Sequence[float], k: int) -> list[int]:
@@ -49,13 +49,14 @@ def choose(scores_a: Sequence[float], scores_b: Sequence[float]) -> int:
     return int(np.lexsort((np.arange(a.size), -a, -b))[0])
 
 
-def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k: int) -> dict:
+def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k: int, mesh=None) -> dict:
     """Re-scores the search's top-`top_k` distinct candidates on `data_b` and picks one.
 
     `evaluate(values (n, ...), data) -> accuracy (n,)` and `reward_fn(acc, cost, lo, hi)`
     are the search's own (`run_search`'s); `history` its record of every candidate
     (values, actions, accuracy, reward, cost, ...); lo, hi are the lowest and highest
-    cost it observed (R_FLOPs with `cost_norm="observed"`). Returns dict(top_k, size_b,
+    cost it observed (R_FLOPs with `cost_norm="observed"`); on a `mesh` split B's images
+    are split over its devices (`place_on_mesh`). Returns dict(top_k, size_b,
     candidates (one row each: index and episode in the history, values, cost, split-A
     and split-B accuracy and reward), chosen (a position in candidates), best (the
     chosen candidate as `SearchResult.best`: split-A reward and accuracy, plus
@@ -65,7 +66,7 @@ def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k
     idx = top_distinct(history["values"], history["reward"], top_k)
     values = np.asarray(history["values"], np.float32)[idx]
     cost_all = np.asarray(history["cost"], np.float64)
-    acc_b = np.asarray(jax.jit(evaluate)(jnp.asarray(values), on_one_device(data_b)), np.float64)
+    acc_b = np.asarray(jax.jit(evaluate)(jnp.asarray(values), place_on_mesh(data_b, mesh)), np.float64)
     cost = cost_all[idx]
     reward_b = np.asarray(reward_fn(jnp.asarray(acc_b, jnp.float32), jnp.asarray(cost, jnp.float32),
                                     jnp.float32(cost_all.min()), jnp.float32(cost_all.max())), np.float64)

@@ -39,7 +39,7 @@ from flax import struct
 from jaxcompress.errors import ConfigError, NonFiniteError
 from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.metrics import MetricWriter
-from jaxcompress.train.steps import all_finite
+from jaxcompress.train.steps import all_finite, replicated, replicated_copy
 
 REWARDS = ("acc", "flops", "log_flops")
 COST_NORMS = ("bounds", "observed")
@@ -221,22 +221,29 @@ class IterationSpec:
 
 
 def abstract_arguments(*args) -> tuple:
-    """Hashable signature of `args`: (tree structure, the leaves' shapes and dtypes)."""
-    leaves, treedef = jax.tree.flatten(jax.eval_shape(lambda a: a, args))
-    return treedef, tuple(leaves)
+    """Hashable signature of `args`: (tree structure, the leaves' shapes, dtypes and
+    shardings); a leaf that is not a `jax.Array` has no sharding (None)."""
+    leaves, treedef = jax.tree.flatten(args)
+    shapes = jax.eval_shape(lambda a: a, leaves)  # shapes, dtypes and weak types
+    return treedef, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type,
+                                               sharding=x.sharding if isinstance(x, jax.Array) else None)
+                          for a, x in zip(shapes, leaves))
 
 
 @functools.lru_cache(maxsize=8)
-def compile_iteration(spec: IterationSpec, arguments: tuple):
+def compile_iteration(spec: IterationSpec, arguments: tuple, mesh: jax.sharding.Mesh | None = None):
     """`spec`'s iteration, jitted (the state donated) and compiled for `arguments`
-    (`abstract_arguments(state, data)`). Memoised on both, so that resuming or
-    repeating a search in one process with the same objects compiles once."""
+    (`abstract_arguments(state, data)`, their shardings included). On a `mesh` every
+    output (the state, the records) is replicated over it, so the state goes back into
+    the next call unchanged. Memoised on all three, so that resuming or repeating a
+    search in one process with the same objects compiles once."""
     treedef, leaves = arguments
-    step_fn = jax.jit(spec.iteration(), donate_argnums=0)
+    out = dict(out_shardings=replicated(mesh)) if mesh is not None else {}
+    step_fn = jax.jit(spec.iteration(), donate_argnums=0, **out)
     return step_fn.lower(*jax.tree.unflatten(treedef, leaves)).compile()
 
 
-def _compiled_iteration(spec: IterationSpec, state, data):
+def _compiled_iteration(spec: IterationSpec, state, data, mesh=None):
     """(compiled iteration, seconds it took); compiled uncached if `spec` is unhashable
     (an agent or environment defining equality without a hash)."""
     start = time.time()
@@ -244,8 +251,8 @@ def _compiled_iteration(spec: IterationSpec, state, data):
     try:
         hash(spec)
     except TypeError:
-        return compile_iteration.__wrapped__(spec, arguments), time.time() - start
-    return compile_iteration(spec, arguments), time.time() - start
+        return compile_iteration.__wrapped__(spec, arguments, mesh), time.time() - start
+    return compile_iteration(spec, arguments, mesh), time.time() - start
 
 
 def on_one_device(tree):
@@ -260,14 +267,48 @@ def on_one_device(tree):
     return jax.tree.map(one, tree)
 
 
+# The evaluation data's example axis per key (`rl.job.eval_data`): validation images and
+# labels (n, ...); the per-candidate fine-tune's batches (steps, b, ...). Other keys (the
+# network's variables) are replicated.
+EXAMPLE_AXIS = {"images": 0, "labels": 0, "train_images": 1, "train_labels": 1}
+
+
+def place_on_mesh(data: dict, mesh: jax.sharding.Mesh | None) -> dict:
+    """The search's evaluation `data` placed for `mesh`: every key of `EXAMPLE_AXIS`
+    split over the mesh's 'data' axis along its example axis, the rest replicated, so the
+    N candidates' evaluation runs data-parallel on every device of every host (the
+    accuracies' means become all-reduces). Every process holds the same full arrays
+    (`eval_data` draws them from the seed); each puts its own devices' rows. None or a
+    one-device mesh: `on_one_device` (today's single-device program). An example count
+    the devices do not divide is a one-line ConfigError."""
+    if mesh is None or mesh.size == 1:
+        return on_one_device(data)
+    out = {}
+    for key, value in data.items():
+        axis = EXAMPLE_AXIS.get(key)
+        if axis is None:
+            out[key] = jax.device_put(value, replicated(mesh))
+            continue
+        x = np.asarray(value)
+        if x.shape[axis] % mesh.size:
+            raise ConfigError(f"the search's evaluation {key} has {x.shape[axis]} examples, not a multiple of the "
+                              f"{mesh.size} devices; set search.eval_size / search.rerank_size / "
+                              f"search.candidate_finetune_batch to multiples of {mesh.size}")
+        spec = jax.sharding.PartitionSpec(*([None] * axis + ["data"]))
+        out[key] = jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, spec), lambda i, x=x: x[i])
+    return out
+
+
 def _to_lists(tree) -> dict:
     return {k: np.asarray(v).tolist() for k, v in tree.items()}
 
 
 def run_search(env, agent, evaluate: Callable, reward_fn: Callable, data, *, num_actors: int, episodes: int,
                seed: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 10,
-               log_every: int = 10, name: str = "search") -> SearchResult:
+               log_every: int = 10, name: str = "search", mesh: jax.sharding.Mesh | None = None) -> SearchResult:
     """Runs ceil(episodes / num_actors) jitted iterations; resumable from `checkpoint_dir`.
+    On a `mesh`, the evaluation images are split over its devices and the state is
+    replicated (`place_on_mesh`): the same numbers as on one device, to float rounding.
 
     `history` gets one entry per evaluated candidate (episode, accuracy, reward,
     cost, cost_ratio, values, actions[, params]) and one per iteration under
@@ -278,18 +319,19 @@ def run_search(env, agent, evaluate: Callable, reward_fn: Callable, data, *, num
     if episodes < 1:
         raise ConfigError(f"the number of search episodes must be >= 1, got {episodes}")
     iterations = -(-episodes // num_actors)
+    mesh = mesh if mesh is not None and mesh.size > 1 else None  # one device: the single-device program
     state = init_search_state(env, agent, seed)
     history: dict = {"metrics": []}
     # checksummed (the last one kept); divergence, Ctrl-C, ...: the checkpoints on disk stand
     with Checkpointer(checkpoint_dir, max_to_keep=1) if checkpoint_dir else contextlib.nullcontext() as ckpt:
         state, history, start, compile_time = _search_iterations(
             ckpt, checkpoint_dir, state, history, IterationSpec(env, agent, evaluate, reward_fn, num_actors), data,
-            num_actors, iterations, checkpoint_every, log_every, name)
+            num_actors, iterations, checkpoint_every, log_every, name, mesh)
     return SearchResult(state=state, history=history, wall_time_s=time.time() - start, compile_time_s=compile_time)
 
 
 def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec, data, num_actors, iterations,
-                       checkpoint_every, log_every, name):
+                       checkpoint_every, log_every, name, mesh=None):
     """`run_search`'s loop (resume, iterations, logs, checkpoints) with its checkpointer open.
     Returns (state, history, start time, compile seconds)."""
     if ckpt is not None and ckpt.latest_step() is not None:
@@ -297,10 +339,11 @@ def _search_iterations(ckpt, checkpoint_dir, state, history, spec: IterationSpec
         history = meta["history"]
         logging.info("%s: resumed at episode %d from %s", name, int(state.episode), checkpoint_dir)
     last_saved = ckpt.latest_step() if ckpt is not None else None
-    state = jax.tree.map(jnp.array, state)  # fresh buffers: targets start as copies, and the step donates
-    data = on_one_device(data)
+    # fresh buffers: targets start as copies, and the step donates
+    state = jax.tree.map(jnp.array, state) if mesh is None else replicated_copy(state, mesh)
+    data = place_on_mesh(data, mesh)
     start = time.time()
-    compiled, compile_time = _compiled_iteration(spec, state, data)
+    compiled, compile_time = _compiled_iteration(spec, state, data, mesh)
     done = int(state.episode) // num_actors
     writer = MetricWriter(checkpoint_dir) if checkpoint_dir else None  # search curves, TensorBoard too
     for it in range(done, iterations):

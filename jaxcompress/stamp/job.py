@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcompress import cost, pipeline, schema
+from jaxcompress import cost, files, pipeline, schema
 from jaxcompress.data import (channel_stats, load_dataset, normalize, split_validation,
                               stratified_subset)
 from jaxcompress.config import STAMP_METHODS
@@ -80,9 +80,8 @@ def _stage_time(path, fn):
     start = time.time()
     out = fn()
     elapsed = time.time() - start
-    if os.path.exists(path):
-        with open(path) as f:
-            elapsed = max(elapsed, json.load(f)["time_s"])
+    if files.exists(path):
+        elapsed = max(elapsed, json.loads(files.read_text(path))["time_s"])
     write_json(path, {"time_s": elapsed})
     return out, elapsed
 
@@ -167,7 +166,7 @@ def check_meta_checkpoint(directory: str, settings: dict) -> None:
     """A one-line ConfigError, before any work, when the meta-training in `directory`
     (if any) was written with other `meta_settings` than `settings`."""
     ckpt_dir = os.path.join(directory, META_CHECKPOINTS)
-    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    if not any(n.isdigit() for n in files.list_names(ckpt_dir)):
         return
     with Checkpointer(ckpt_dir) as ckpt:
         saved = ckpt.read_meta().get("settings", {})

@@ -1,13 +1,13 @@
 """The STAMP report plot: accuracy against target-side wall time, per method."""
 from __future__ import annotations
 
-import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jaxcompress import files  # noqa: E402
 from jaxcompress.distributed import is_primary  # noqa: E402
 
 
@@ -38,7 +38,6 @@ def plot_accuracy_vs_time(path: str, results: dict, title: str) -> str:
         a.grid(alpha=0.3)
     fig.tight_layout()
     if is_primary():  # one writer on many hosts
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120)
+        files.save_figure(fig, path)
     plt.close(fig)
     return path

@@ -35,8 +35,10 @@ import weakref
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
+from jaxcompress import files
 from jaxcompress.storage import canonical_json, file_sha256, sha256_hex
 from jaxcompress.train.state import TrainState
 
@@ -62,53 +64,48 @@ def state_tree(state: TrainState) -> dict:
 
 def _step_files(step_dir: str) -> list[str]:
     """Every file under `step_dir` (relative, '/'-separated, sorted), the manifest excluded."""
-    out = []
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
-            if not rel.startswith(MANIFEST):  # the manifest and its temporary file
-                out.append(rel)
-    return sorted(out)
+    root = epath.Path(step_dir)
+    rels = (str((epath.Path(d) / name).relative_to(root)) for d, _, names in root.walk() for name in names)
+    return sorted(r for r in rels if not r.startswith(MANIFEST))  # the manifest and its temporary file
 
 
 def write_manifest(step_dir: str) -> None:
     """Writes `<step_dir>/jaxcompress_manifest.json` (atomically): {"body": {"format",
     "files": {path: {"bytes", "sha256"}}}, "sha256": of the canonical body}, in canonical
     JSON, so any change to the manifest itself is detected too."""
-    files = {rel: {"bytes": os.path.getsize(os.path.join(step_dir, rel)),
-                   "sha256": file_sha256(os.path.join(step_dir, rel))} for rel in _step_files(step_dir)}
-    body = {"format": MANIFEST_FORMAT, "files": files}
-    path = os.path.join(step_dir, MANIFEST)
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(canonical_json({"body": body, "sha256": sha256_hex(canonical_json(body))}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+    entries = {rel: {"bytes": _size(os.path.join(step_dir, rel)),
+                     "sha256": file_sha256(os.path.join(step_dir, rel))} for rel in _step_files(step_dir)}
+    body = {"format": MANIFEST_FORMAT, "files": entries}
+    files.write_atomic(os.path.join(step_dir, MANIFEST),
+                       canonical_json({"body": body, "sha256": sha256_hex(canonical_json(body))}))
+
+
+def _size(path: str) -> int:
+    return epath.Path(path).stat().length
 
 
 def verify_manifest(step_dir: str) -> str | None:
     """What is wrong with the step in `step_dir` against its manifest ("file X does not
     match its checksum", ...); None when it is intact, `NO_MANIFEST` when it has none."""
     path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not files.exists(path):
         return NO_MANIFEST
     damaged = f"its checksum manifest {MANIFEST} is damaged"
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = files.read_bytes(path)
         doc = json.loads(raw)
         body = doc["body"]
         if (raw != canonical_json(doc) or doc["sha256"] != sha256_hex(canonical_json(body))
                 or body["format"] != MANIFEST_FORMAT):
             return damaged
-        files = body["files"]
+        listed = body["files"]
     except (OSError, ValueError, TypeError, KeyError):
         return damaged
-    for rel, want in sorted(files.items()):
+    for rel, want in sorted(listed.items()):
         full = os.path.join(step_dir, rel)
-        if not os.path.isfile(full):
+        if not files.is_file(full):
             return f"file {rel} is missing"
-        if os.path.getsize(full) != want["bytes"] or file_sha256(full) != want["sha256"]:
+        if _size(full) != want["bytes"] or file_sha256(full) != want["sha256"]:
             return f"file {rel} does not match its checksum"
     return None
 
@@ -209,7 +206,7 @@ class Checkpointer:
     and closed by `close()` or by any error; it reopens when used again."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if files.is_remote(directory) else os.path.abspath(directory)
         self.max_to_keep = max_to_keep
         self._manager: ocp.CheckpointManager | None = None
         self._corrupt: set[int] = set()  # steps found corrupt by `restore`, set aside at the next save
@@ -309,8 +306,7 @@ class Checkpointer:
         its arrays: what a job checks its settings against before any work."""
         found = self.intact_step(step)
         try:
-            with open(os.path.join(self.step_dir(found), "meta", "metadata")) as f:
-                return dict(json.load(f))
+            return dict(json.loads(files.read_text(os.path.join(self.step_dir(found), "meta", "metadata"))))
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"cannot read the metadata of checkpoint step {found} in {self.directory} "
                                   f"({type(e).__name__}); delete it or use a new --workdir") from None
@@ -339,11 +335,10 @@ class Checkpointer:
         those from before manifests, and one being saved. None: no step needs one (this
         code never saved here)."""
         path = os.path.join(self.directory, CHECKSUMS)
-        if not os.path.exists(path):
+        if not files.exists(path):
             return None
         try:
-            with open(path) as f:
-                return {int(s) for s in json.load(f)["unchecked_steps"]}
+            return {int(s) for s in json.loads(files.read_text(path))["unchecked_steps"]}
         except (OSError, ValueError, TypeError, KeyError):
             return set()
 
@@ -354,12 +349,10 @@ class Checkpointer:
         steps = set(self.manager.all_steps())
         current = self._unchecked_steps()
         if current is None:
-            current = {s for s in steps if not os.path.exists(os.path.join(self.step_dir(s), MANIFEST))}
+            current = {s for s in steps if not files.exists(os.path.join(self.step_dir(s), MANIFEST))}
         listed = sorted(((current | set(add)) - set(remove)) & (steps | set(add)))
-        path = os.path.join(self.directory, CHECKSUMS)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump({"format": MANIFEST_FORMAT, "unchecked_steps": listed}, f)
-        os.replace(f"{path}.tmp", path)
+        files.write_atomic(os.path.join(self.directory, CHECKSUMS),
+                           json.dumps({"format": MANIFEST_FORMAT, "unchecked_steps": listed}))
 
     def _predates_manifests(self, step: int) -> bool:
         unchecked = self._unchecked_steps()
@@ -372,11 +365,11 @@ class Checkpointer:
             return
         for s in sorted(self._corrupt):
             src = self.step_dir(s)
-            if os.path.isdir(src) and jax.process_index() == 0:
+            if epath.Path(src).is_dir() and jax.process_index() == 0:
                 dst, n = f"{src}.corrupt", 1
-                while os.path.exists(dst):
+                while files.exists(dst):
                     dst, n = f"{src}.corrupt{n}", n + 1
-                os.rename(src, dst)
+                epath.Path(src).rename(dst)
                 logging.info("moved corrupt checkpoint step %d aside to %s", s, dst)
         self._corrupt.clear()
         self.manager.reload()

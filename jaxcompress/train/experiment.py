@@ -59,10 +59,15 @@ class Experiment:
 
 def check_batches(config, num_devices: int) -> None:
     """What the schema cannot know: the batches the job will split over this run's
-    devices divide evenly (the train and eval batches; variational pruning's, when used)."""
+    devices divide evenly (the train and eval batches; variational pruning's and the
+    search's evaluation samples, when used)."""
     fields = ["train.batch_size", "train.eval_batch_size"]
     if "variational" in (config.get("prune", {}).get("criterion"), config.get("search", {}).get("scheme")):
         fields.append("prune.variational.batch_size")
+    if config.get("job") == "search":  # its candidates are evaluated with the images split over the devices
+        s = config.search
+        fields += ["search.eval_size"] + ["search.rerank_size"] * bool(s.rerank_top_k) \
+            + ["search.candidate_finetune_batch"] * bool(s.candidate_finetune_steps)
     for path in fields:
         size = schema.get(config, path)
         if size <= 0 or size % num_devices:
@@ -97,7 +102,7 @@ def setup_experiment(config) -> Experiment:
     check_batches(config, mesh.size)
     d = config.data
     ds = load_dataset(d.name, data_dir=d.data_dir or None, image_size=d.image_size or None,
-                      channels=d.channels or None)
+                      channels=d.channels or None, lazy=d.get("lazy", False))
     (x_train, y_train), (x_test, y_test), num_classes = pick_classes(ds, tuple(d.classes), "data.classes")
     try:
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, d.val_size, seed=config.seed)

@@ -19,9 +19,9 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from jaxcompress import cost
+from jaxcompress import cost, files
 from jaxcompress.timing import forward_latencies
-from jaxcompress.data import BatchIterator, iterate_eval, shard_batch
+from jaxcompress.data import BatchIterator, DevicePrefetcher, iterate_eval, shard_batch
 from jaxcompress.distributed import process_slice
 from jaxcompress.errors import NonFiniteError
 from jaxcompress.train import steps as S
@@ -45,12 +45,14 @@ def evaluate_split(eval_step, state: TrainState, x, y, batch_size: int, mesh) ->
     return {"accuracy": float(totals["correct"]) / n, "loss": float(totals["loss"]) / n}
 
 
-def make_eval_fn(exp: Experiment, batch_size: int):
-    """`evaluate(state, (x, y)) -> {"loss", "accuracy"}`, data-parallel over `exp.mesh`; the
-    jitted step is the experiment's one (`Experiment.shared`)."""
-    step = exp.shared(("eval",), lambda: jax.jit(S.make_eval_step(exp.mean, exp.std),
-                                                   in_shardings=(S.replicated(exp.mesh), S.batch_sharded(exp.mesh)),
-                                                   out_shardings=S.replicated(exp.mesh)))
+def make_eval_fn(exp: Experiment, batch_size: int, compute_dtype: str = "float32"):
+    """`evaluate(state, (x, y)) -> {"loss", "accuracy"}`, data-parallel over `exp.mesh`, the
+    forward pass in `compute_dtype` (`train.dtype`); the jitted step is the experiment's one
+    for that dtype (`Experiment.shared`)."""
+    step = exp.shared(("eval", compute_dtype),
+                      lambda: jax.jit(S.make_eval_step(exp.mean, exp.std, compute_dtype=compute_dtype),
+                                      in_shardings=(S.replicated(exp.mesh), S.batch_sharded(exp.mesh)),
+                                      out_shardings=S.replicated(exp.mesh)))
     return lambda state, split: evaluate_split(step, state, *split, batch_size, exp.mesh)
 
 
@@ -80,7 +82,10 @@ def fit(state: TrainState, exp: Experiment, recipe: Recipe, workdir: str, *, tea
     Checkpoints go to `<workdir>/checkpoints` (latest, resumed from if present) and
     `<workdir>/best` (best validation accuracy); metrics to `<workdir>/metrics.jsonl`.
     A mid-epoch checkpoint (`recipe.checkpoint_every`) carries the epoch's running metric
-    sums, so a resumed epoch reports its train metrics over all of its steps. With a
+    sums, so a resumed epoch reports its train metrics over all of its steps. The steps
+    compute in `recipe.dtype` (float32 weights either way) and the next `recipe.prefetch`
+    batches are placed on the devices while a step runs (`DevicePrefetcher`; checkpoints
+    record the position of the batches trained on, not of those prefetched). With a
     `teacher` and `recipe.distill_weight` > 0 the loss distils from it. `state`'s
     `apply_fn` is kept (QAT trains a quantized apply); the caller's `state` stays valid
     (the jitted step donates a copy). Returns the final state and
@@ -125,10 +130,14 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
             epoch_sums, epoch_steps = saved["sums"], int(saved["steps"])
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     train_step, teacher_args = _train_step(exp, recipe, teacher)
-    evaluate = make_eval_fn(exp, recipe.eval_batch_size)
+    evaluate = make_eval_fn(exp, recipe.eval_batch_size, recipe.dtype)
     writer = MetricWriter(workdir)
     schedule = learning_rate_schedule(recipe, spe)
     step = int(jax.device_get(state.step))
+    # the batches of the steps left, on the devices `recipe.prefetch` steps ahead; its position
+    # (`get_state`) is that of the last batch handed to a step, so checkpoints never run ahead
+    batches = DevicePrefetcher(it, S.batch_sharded(exp.mesh), recipe.prefetch,
+                               limit=recipe.num_epochs * spe - step)
     last_saved = ckpt.latest_step()
     train_time = 0.0
 
@@ -150,13 +159,13 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
                   disable=None, leave=False) as bar:
             try:
                 while step < (epoch + 1) * spe:
-                    state, m = train_step(state, shard_batch(next(it), S.batch_sharded(exp.mesh)), *teacher_args)
+                    state, m = train_step(state, next(batches), *teacher_args)
                     sums = S.accumulate_metrics(S.zero_sums(m) if sums is None else sums, m, state.step)
                     step, n = step + 1, n + 1
                     bar.update()
                     if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step % spe:
                         host = checked(sums)  # the save waits for the step anyway
-                        ckpt.save(state, {**meta, "iterator": it.get_state(),
+                        ckpt.save(state, {**meta, "iterator": batches.get_state(),
                                           EPOCH_SUMS: {"sums": _plain_sums(host), "steps": n}})
                         last_saved = step
             except KeyboardInterrupt:
@@ -170,7 +179,7 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
         throughput = dict(steps_per_s=ran / epoch_train_s, examples_per_s=ran * recipe.batch_size / epoch_train_s,
                           learning_rate=float(schedule(step - 1)))
         val = evaluate(state, exp.val)
-        meta = {**meta, "iterator": it.get_state()}
+        meta = {**meta, "iterator": batches.get_state()}
         if val["accuracy"] > meta["best_val_accuracy"]:
             meta["best_val_accuracy"] = val["accuracy"]
             best_ckpt.save(state, meta)
@@ -183,7 +192,7 @@ def _fit_epochs(state, exp, recipe, workdir, teacher, it, ckpt, best_ckpt) -> tu
                      val["accuracy"], time.time() - epoch_start)
     writer.close()
     return state, {"best_val_accuracy": meta["best_val_accuracy"], "train_time_s": train_time,
-                   "examples_read_per_process": _per_process(it.examples_read)}
+                   "examples_read_per_process": _per_process(batches.examples_read)}
 
 
 def _save_at_interrupt(ckpt: Checkpointer, state, meta: dict, sums, n: int, spe: int, last_saved) -> None:
@@ -259,10 +268,10 @@ def _train_step(exp: Experiment, recipe: Recipe, teacher: Teacher | None):
     settings = (recipe.augment, recipe.label_smoothing, teacher_fn, recipe.distill_weight, recipe.distill_temperature)
 
     def build():
-        step_fn = S.with_finite_check(S.make_train_step(exp.mean, exp.std, *settings))
+        step_fn = S.with_finite_check(S.make_train_step(exp.mean, exp.std, *settings, compute_dtype=recipe.dtype))
         return S.jit_data_parallel(step_fn, exp.mesh, replicated_args=len(teacher_args))
 
-    return exp.shared(("train",) + settings, build), teacher_args
+    return exp.shared(("train",) + settings + (recipe.dtype,), build), teacher_args
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -285,9 +294,9 @@ def load_trained(exp: Experiment, directory: str, recipe: Recipe, variables=None
     or a run's workdir, in which case its `best/` checkpoint is used), saved by `fit`
     with `recipe`'s optimiser. `variables`: a template of the saved collections where
     they differ from `exp.model.init`'s (e.g. element masks)."""
-    if os.path.isdir(os.path.join(directory, "best")):
+    if files.is_dir(os.path.join(directory, "best")):
         directory = os.path.join(directory, "best")
-    if not os.path.isdir(directory):
+    if not files.is_dir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist; train first (job 'train' with "
                               f"that --workdir) or point the config at an existing checkpoint directory")
     template = create_train_state(exp.model, make_optimizer(recipe, 1), exp.input_shape, recipe.seed,

@@ -16,6 +16,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from jaxcompress import files
 from jaxcompress.distributed import is_primary
 
 
@@ -35,11 +36,7 @@ def write_json(path: str, obj) -> None:
     Process 0 only (module docstring); the others do nothing."""
     if not is_primary():
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_plain(obj), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(_plain(obj), indent=2, sort_keys=True))
 
 
 def scalars(metrics: Mapping, prefix: str = "") -> dict[str, float]:
@@ -57,10 +54,12 @@ def scalars(metrics: Mapping, prefix: str = "") -> dict[str, float]:
 
 class MetricWriter:
     """Appends one JSON object per line to `<workdir>/metrics.jsonl` and its scalars to
-    TensorBoard event files in `<workdir>` (process 0 only; `tensorboard=False`: JSON only)."""
+    TensorBoard event files in `<workdir>` (process 0 only; `tensorboard=False`: JSON only).
+    A remote workdir (`gs://...`) works: the JSON through `jaxcompress.files`, the events
+    through tensorboardX's own writer for that scheme (gs:// needs google-cloud-storage)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True):
-        os.makedirs(workdir, exist_ok=True)
+        files.make_dirs(workdir)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard = tensorboard
         self._board = None
@@ -69,8 +68,7 @@ class MetricWriter:
         if not is_primary():
             return
         now = time.time()
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "time": now, **_plain(metrics)}) + "\n")
+        files.append_text(self.path, json.dumps({"step": int(step), "time": now, **_plain(metrics)}) + "\n")
         if self.tensorboard:
             if self._board is None:
                 from tensorboardX import SummaryWriter  # imported on the first write
@@ -91,7 +89,6 @@ class MetricWriter:
 def read_metrics(workdir: str) -> list[dict]:
     """The records of `<workdir>/metrics.jsonl` ([] when there is none; creates nothing)."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not files.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]

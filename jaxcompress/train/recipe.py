@@ -31,6 +31,8 @@ class Recipe:
     augment: bool = False  # random crops and flips (data.augment)
     distill_weight: float = 0.0  # with a teacher: (1 - w) CE + w T^2 KL (Hinton et al. 2015)
     distill_temperature: float = 4.0
+    dtype: str = "float32"  # compute dtype of the steps: float32 | bfloat16 (mixed precision, steps.py)
+    prefetch: int = 2  # batches placed on the devices ahead of the step (0: none)
     seed: int = 0  # data order
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at epoch ends only)
     max_to_keep: int = 2

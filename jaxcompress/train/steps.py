@@ -5,6 +5,13 @@ replicated (`P()`), the global batch is split over the mesh axis `'data'`
 (`P('data')`), and `jax.jit` partitions the single-device program. The loss is the
 mean over the *global* batch and BatchNorm statistics are global-batch statistics,
 so a step on 8 devices computes the same numbers as on one.
+
+Mixed precision (`compute_dtype="bfloat16"`): the state keeps float32 master weights,
+optimizer state and BatchNorm statistics; inside the step the floating parameters and
+the normalised input are cast to bfloat16 for the forward and backward pass, the loss is
+computed on float32 logits, and the gradients come back float32 through the cast. Flax's
+BatchNorm (`force_float32_reductions=True`, the default) computes batch statistics in
+float32 from bfloat16 inputs, so the `batch_stats` collection, never cast, stays float32.
 """
 from __future__ import annotations
 
@@ -46,28 +53,60 @@ def distillation_loss(logits, teacher_logits, temperature: float):
                                                              jax.nn.log_softmax(teacher_logits / t))
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # `train.dtype`: the forward / backward pass's floating dtype
+
+
+def compute_dtype_of(name) -> jnp.dtype:
+    """The dtype named `name` (one of `COMPUTE_DTYPES`, or a dtype)."""
+    dtype = jnp.dtype(name)
+    if dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={name!r}: must be one of {', '.join(COMPUTE_DTYPES)}")
+    return dtype
+
+
+def cast_floating(tree, dtype):
+    """`tree` with its floating leaves in `dtype` (integer and boolean leaves untouched)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def _compute_variables(variables: dict, dtype) -> dict:
+    """A `model.apply` variables dict for computing in `dtype`: its `params` cast, every
+    other collection (BatchNorm statistics, masks, quant) as it is."""
+    return {**variables, "params": cast_floating(variables["params"], dtype)}
+
+
 def _inputs(batch, mean, std):
     return normalize(batch["image"], mean, std)
 
 
 def make_train_step(mean, std, augment: bool = False, label_smoothing: float = 0.0, teacher_apply=None,
-                    distill_weight: float = 0.0, temperature: float = 4.0):
+                    distill_weight: float = 0.0, temperature: float = 4.0, compute_dtype="float32"):
     """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
     With `teacher_apply` (a model's `apply`) the step is `train_step(state, batch,
     teacher_variables)` and minimises (1 - w) CE + w `distillation_loss` against the
     teacher's inference-mode logits on the same (augmented) inputs, w = `distill_weight`.
+
+    `compute_dtype` ("float32" or "bfloat16", `COMPUTE_DTYPES`): the dtype of the forward
+    and backward pass (the student's and the teacher's); parameters, optimizer state and
+    BatchNorm statistics stay float32 and the losses are computed in float32 (module
+    docstring). "float32" is the plain float32 step.
     """
+    dtype = compute_dtype_of(compute_dtype)
 
     def train_step(state: TrainState, batch, teacher_variables=None):
         x = _inputs(batch, mean, std)
         if augment:
             x = augment_cifar(jax.random.fold_in(state.rng, state.step), x)
+        x = x.astype(dtype)
         if teacher_apply is not None:
-            teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, x, train=False))
+            teacher_logits = jax.lax.stop_gradient(
+                teacher_apply(_compute_variables(teacher_variables, dtype), x, train=False).astype(jnp.float32))
 
         def loss_fn(params):
-            logits, updates = state.apply_fn(state.variables(params), x, train=True, mutable=["batch_stats"])
+            logits, updates = state.apply_fn(state.variables(cast_floating(params, dtype)), x, train=True,
+                                             mutable=["batch_stats"])
+            logits = logits.astype(jnp.float32)
             loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
             if teacher_apply is not None:
                 kd = distillation_loss(logits, teacher_logits, temperature).mean()
@@ -84,11 +123,14 @@ def make_train_step(mean, std, augment: bool = False, label_smoothing: float = 0
     return train_step
 
 
-def make_eval_step(mean, std):
-    """Returns `eval_step(state, batch) -> sums` honouring the batch's padding mask."""
+def make_eval_step(mean, std, compute_dtype="float32"):
+    """Returns `eval_step(state, batch) -> sums` honouring the batch's padding mask; the
+    forward pass in `compute_dtype` (as `make_train_step`), the loss in float32."""
+    dtype = compute_dtype_of(compute_dtype)
 
     def eval_step(state: TrainState, batch):
-        logits = state.apply_fn(state.variables(), _inputs(batch, mean, std), train=False)
+        x = _inputs(batch, mean, std).astype(dtype)
+        logits = state.apply_fn(_compute_variables(state.variables(), dtype), x, train=False).astype(jnp.float32)
         weight = batch.get("mask", jnp.ones(batch["label"].shape, bool)).astype(jnp.float32)
         loss = cross_entropy(logits, batch["label"])
         correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
