@@ -1,5 +1,8 @@
 """Shared pytest fixtures for the jaxcompress test-suite."""
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -110,3 +113,22 @@ class Zoo:
 @pytest.fixture(scope="session")
 def zoo():
     return Zoo()
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """`run(script, timeout=900) -> dict`: runs the Python `script` in a subprocess on 8
+    simulated CPU devices (XLA_FLAGS must be set before JAX starts, so not in this
+    process), from the repository root; returns the JSON it printed after `RESULT `."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+    def run(script: str, timeout: int = 900) -> dict:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return json.loads(lines[-1][len("RESULT "):])
+
+    return run

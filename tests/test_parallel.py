@@ -12,16 +12,11 @@ small learning rate keeps its effect on the parameters small; per-device
 (instead of global-batch) BatchNorm statistics would still change the loss by
 O(0.1).
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
     import json
@@ -86,14 +81,8 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def parallel_results():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(line[-1][len("RESULT "):])
+def parallel_results(eight_devices):
+    return eight_devices(SCRIPT)
 
 
 def test_batch_is_sharded_over_eight_devices(parallel_results):
@@ -142,15 +131,11 @@ DONATION_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_donating_a_replicated_copy_leaves_the_callers_arrays_alive():
+def test_donating_a_replicated_copy_leaves_the_callers_arrays_alive(eight_devices):
     """`fit` donates its state to the step: on 8 devices `device_put(may_alias=False)` of a
     single-device array keeps its buffer as the shard on its own device, so the donation
     deleted the caller's arrays (the quantize job's QAT crash); `replicated_copy` does not."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", DONATION_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    r = eight_devices(DONATION_SCRIPT, timeout=300)
     # r["single_device_device_put"] is True with JAX 0.10: the behaviour the copy guards against
     assert not r["single_device_copy"] and not r["replicated_copy"]
     for name in ("single_device", "replicated"):

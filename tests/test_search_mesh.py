@@ -13,16 +13,11 @@ every case (LeNet-5, random weights, 64 validation images of 28x28):
 * the quantization evaluator (stage 2);
 * two STAMP meta steps of 8 tasks (tests/test_stamp.py's tiny problem, first-order).
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
     import json
@@ -131,13 +126,8 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+def results(eight_devices):
+    return eight_devices(SCRIPT)
 
 
 def test_search_on_the_mesh_computes_what_it_computes_on_one_device(results):

@@ -111,7 +111,8 @@ def _lasso_masks(exp, variables, plan: PrunePlan, groups, ratios):
     alive = [int(np.sum(np.asarray(m) > 0)) for m in table.group_masks(variables["masks"])]
     groups = [g for g in groups if counts[g] < alive[g]]
     images, _ = sample_batch(exp, plan.sample_size, plan.seed)
-    group_masks, new_vars = lasso_prune(table, variables, images, counts, groups=groups, seed=plan.seed)
+    group_masks, new_vars = lasso_prune(table, variables, images, counts, groups=groups, seed=plan.seed,
+                                        mesh=getattr(exp, "mesh", None))  # data parallel over the run's devices
     return table.layer_masks(group_masks, variables["masks"]), new_vars["params"]
 
 

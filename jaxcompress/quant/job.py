@@ -41,23 +41,24 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from jaxcompress import cost, schema
+from jaxcompress import cost, files, schema
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
 from jaxcompress.latency import measured_latency
 from jaxcompress.models import ModelTable, create_model, describe
 from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.quant import budget as B
-from jaxcompress.quant.calibrate import calibrate_ranges
+from jaxcompress.quant.calibrate import calibrate_ranges, split_rows
 from jaxcompress.quant.export import compare_outputs, export_packed, fold_batchnorm, load_packed, norm_epsilons
 from jaxcompress.quant.integer import INTEGER, integer_apply, integer_layers, integerize
 from jaxcompress.quant.policy import make_quant, resolve_bits, write_policy
-from jaxcompress.quant.qat import QuantRecipe, make_quantized_apply, quantize_state, train_qat
+from jaxcompress.quant.qat import QuantRecipe, _shared_apply, quantize_state, train_qat
 from jaxcompress.quant.quantizers import FLOAT_BITS, WeightQuantizer
 from jaxcompress.report import plot_layer_bars
 from jaxcompress.stablehlo import export_stablehlo, load_stablehlo
 from jaxcompress.timing import apply_latencies
 from jaxcompress.train import Experiment, Recipe, Teacher, TrainState, create_train_state, setup_experiment
+from jaxcompress.train import steps as S
 from jaxcompress.train.checkpoint import Checkpointer, CheckpointError
 from jaxcompress.train.loop import load_trained, make_eval_fn, train_and_evaluate
 from jaxcompress.train.metrics import write_json
@@ -101,7 +102,7 @@ def _restore_raw(directory: str) -> dict:
 def pruned_checkpoint_dir(directory: str) -> str:
     for sub in ("finetune/best", "finetune/checkpoints", "best", "checkpoints", ""):
         d = os.path.join(directory, sub) if sub else directory
-        if os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d)):
+        if any(name.isdigit() for name in files.list_names(d)):
             return d
     raise CheckpointError(f"no pruned checkpoint under {directory} (looked for finetune/best, best, checkpoints); "
                           f"run the prune job with that --workdir first")
@@ -134,8 +135,7 @@ def load_pruned(exp: Experiment, directory: str, model_name: str, seed: int = 0)
 
 
 def _has_checkpoint(directory: str) -> bool:
-    return any(os.path.isdir(os.path.join(directory, d)) and os.listdir(os.path.join(directory, d))
-               for d in ("best", "checkpoints"))
+    return any(files.list_names(os.path.join(directory, d)) for d in ("best", "checkpoints"))
 
 
 def float_network(config, exp: Experiment, workdir: str) -> tuple[Experiment, TrainState, str]:
@@ -148,7 +148,7 @@ def float_network(config, exp: Experiment, workdir: str) -> tuple[Experiment, Tr
         return small, state, f"pruned:{q.pruned_checkpoint}"
     if q.prune_first:
         prune_dir = os.path.join(workdir, "prune")
-        if not os.path.isfile(os.path.join(prune_dir, "summary.json")):
+        if not files.is_file(os.path.join(prune_dir, "summary.json")):
             pcfg = config.copy_and_resolve_references()
             pcfg.job = "prune"
             if q.checkpoint:
@@ -181,28 +181,55 @@ def size_budget(q, size_model: B.SizeModel, float_bytes: float) -> float | None:
     return None
 
 
-def layer_sensitivity(exp, state, quantizer: WeightQuantizer, bits_a, candidates, examples: int, seed: int
-                      ) -> dict[str, dict[int, float]]:
+def _sensitivity_loss(apply_fn, mesh=None):
+    """Jitted `loss(variables, quant, x, y, weight)`: the `weight`-weighted mean
+    cross-entropy of the network with `quant` on (x, y) (weight 0: padding). With a `mesh`,
+    x, y and weight are split over 'data' (the sum over examples is an all-reduce), the
+    variables and `quant` replicated."""
+
+    def loss(variables, quant, x, y, weight):
+        logits = apply_fn({**variables, "quant": quant}, x, train=False)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(jnp.where(weight > 0, ce * weight, 0.0)) / jnp.sum(weight)
+
+    if mesh is None:
+        return jax.jit(loss)
+    rep, rows = S.replicated(mesh), S.batch_sharded(mesh)
+    return jax.jit(loss, in_shardings=(rep, rep, rows, rows, rows), out_shardings=rep)
+
+
+def layer_sensitivity(exp, state, quantizer: WeightQuantizer, bits_a, candidates, examples: int, seed: int,
+                      mesh=None) -> dict[str, dict[int, float]]:
     """Validation loss increase when one layer alone has its weights at each candidate width
     (others float; activations at their bits, calibrated min-max). k-means is measured with
-    the symmetric uniform quantizer (a proxy: its assignments depend on the bits)."""
+    the symmetric uniform quantizer (a proxy: its assignments depend on the bits).
+
+    `mesh` (e.g. `exp.mesh`): a 1-D ('data',) mesh over which the examples are split (and
+    the calibration batch); the variables are replicated and the loss is a global mean, so
+    the table is the single-device one up to float rounding. Examples are zero-padded to a
+    multiple of its size with weight 0. None: one device."""
     if quantizer.scheme == "kmeans":
         quantizer = WeightQuantizer("symmetric", "channel")
     table = exp.table
     paths = [l.path for l in table.layers]
     x_val, y_val = exp.val
     idx = np.random.default_rng(seed).choice(len(x_val), min(examples, len(x_val)), replace=False)
-    x = jnp.asarray(normalize(x_val[idx], exp.mean, exp.std))
-    y = jnp.asarray(y_val[idx].astype(np.int32))
-    apply_fn = make_quantized_apply(exp.model, quantizer)
+    x = np.asarray(normalize(x_val[idx], exp.mean, exp.std))
+    y = y_val[idx].astype(np.int32)
+    apply_fn = _shared_apply(exp.model, quantizer)  # shares the compiled calibration with PTQ's
     base_quant = make_quant(table, bits_w=FLOAT_BITS, bits_a=bits_a)
     variables = state.variables()
-    base_quant, _ = calibrate_ranges(apply_fn, {**variables, "quant": base_quant}, [x[:256]], "minmax")
-
-    @jax.jit
-    def loss(quant):
-        logits = apply_fn({**variables, "quant": quant}, x, train=False)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    base_quant, _ = calibrate_ranges(apply_fn, {**variables, "quant": base_quant}, [x[:256]], "minmax", mesh=mesh)
+    pad = 0 if mesh is None else -len(x) % mesh.size
+    weight = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+    x, y = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), np.pad(y, (0, pad))
+    if mesh is None:
+        x, y, weight = jnp.asarray(x), jnp.asarray(y), jnp.asarray(weight)
+    else:
+        variables = jax.device_put(variables, S.replicated(mesh))
+        x, y, weight = split_rows((x, y, weight), mesh)
+    loss_fn = _sensitivity_loss(apply_fn, mesh)
+    loss = lambda quant: loss_fn(variables, quant, x, y, weight)
 
     flat = traverse_util.flatten_dict(base_quant)
     ref = float(loss(base_quant))
@@ -235,7 +262,7 @@ def choose_bits(q, exp: Experiment, state: TrainState, model_name: str, qrecipe:
     if budget is not None and q.allocation == "sensitivity":
         start = time.time()
         info["sensitivity"] = layer_sensitivity(exp, state, quantizer, bits_a, tuple(q.sensitivity_bits),
-                                                q.sensitivity_examples, qrecipe.seed)
+                                                q.sensitivity_examples, qrecipe.seed, mesh=exp.mesh)
         bits_w = B.allocate_by_sensitivity(bits_w, info["sensitivity"], size_model, budget, *floors)
         logging.info("sensitivity allocation (%.1fs): %s", time.time() - start, bits_w)
     elif budget is not None:

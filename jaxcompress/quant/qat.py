@@ -212,7 +212,8 @@ def quantize_state(exp: Experiment, state: TrainState, bits_w, bits_a, qrecipe: 
     apply_fn = _shared_apply(exp.model, qrecipe.quantizer)
     batches = calibration_batches(exp, qrecipe.calib_batches, qrecipe.calib_batch_size, qrecipe.seed)
     quant, ranges = calibrate_ranges(apply_fn, {**state.variables(), "quant": quant}, batches,
-                                     qrecipe.calibration, qrecipe.percentile, seed=qrecipe.seed)
+                                     qrecipe.calibration, qrecipe.percentile, seed=qrecipe.seed,
+                                     mesh=getattr(exp, "mesh", None))  # data parallel over the run's devices
     return state.replace(quant=quant, apply_fn=apply_fn), ranges
 
 

@@ -22,6 +22,14 @@ ridge defaults to "auto" (exact leave-one-out choice, 0 included), which matters
 Dense layers fed by a flattened map (one sample per image). Depthwise / grouped
 consumers are not handled (`lasso_groups` skips their groups), nor consumers with
 element (kernel) masks, and the `quant` collection is ignored while sampling.
+
+With a `mesh` (a 1-D ('data',) mesh, e.g. `Experiment.mesh`) the heavy statistics run
+data parallel: the sampling forward passes split each batch of images over the devices
+(`sampling.py`), the sampled patches and targets stay split by rows, and the Gram
+matrices of Eq. (3) are all-reduced sums (`gram.gram_fns`). Batches are zero-padded to
+a multiple of the device count (the padding's rows are zeros, neutral for every sum,
+and cut off before the refit), so any number of images works. The refit's SVD (Eq. 4)
+runs on one device, on the gathered rows, and the LASSO solve on the c x c (G, b).
 """
 from __future__ import annotations
 
@@ -34,10 +42,11 @@ import numpy as np
 from flax import traverse_util
 
 from jaxcompress.models.table import LayerInfo, ModelTable
-from jaxcompress.pruning.lasso.gram import _consumer_gram, _target
+from jaxcompress.pruning.lasso.gram import gram_fns
 from jaxcompress.pruning.lasso.refit import least_squares_refit
-from jaxcompress.pruning.lasso.sampling import _bucket, _input_sampler, _np_pad
+from jaxcompress.pruning.lasso.sampling import _bucket, _input_sampler, _np_pad, valid_rows
 from jaxcompress.pruning.lasso.solver import _select_padded
+from jaxcompress.train.steps import replicated
 
 __all__ = ["lasso_groups", "lasso_prune"]
 
@@ -133,12 +142,13 @@ def _out_mask(masks_flat: Mapping, layer: LayerInfo, m: int) -> np.ndarray:
 
 
 def _reference_consumers(table: ModelTable, groups: list[int], params_flat: Mapping, masks_flat: Mapping,
-                         sample_inputs: Callable, base: Mapping) -> dict[int, list[_Consumer]]:
+                         sample_inputs: Callable, base: Mapping, mesh=None) -> dict[int, list[_Consumer]]:
     """Each group's consumers with their targets: the original network's outputs
     (pre-bias) at the sampled positions, He et al. Eq. (5). Kernels are viewed as
     (r, c, m) and, like the patches, zero-padded to _BUCKET multiples."""
     consumers = {g: _consumers(table, g) for g in groups}
     orig_x = sample_inputs(base, tuple(l.path for g in groups for l in consumers[g]))
+    target = gram_fns(mesh)[0]
     refs = {}
     for g in groups:
         refs[g] = []
@@ -147,38 +157,48 @@ def _reference_consumers(table: ModelTable, groups: list[int], params_flat: Mapp
             m = kernel.shape[-1]
             W = np.asarray(kernel, np.float32).reshape(-1, table.widths[g], m)
             W = _np_pad(_np_pad(W, 1, _bucket(W.shape[1])), 2, _bucket(m))
-            refs[g].append(_Consumer(l, kernel, W, _target(orig_x[l.path], W, _out_mask(masks_flat, l, m))))
+            refs[g].append(_Consumer(l, kernel, W, target(orig_x[l.path], W, _out_mask(masks_flat, l, m))))
     return refs
 
 
 def _lasso_select(consumers: list[_Consumer], xs: Mapping, layer_masks: Mapping, keep: int, alive: np.ndarray,
-                  num_bisect: int, num_iters: int) -> np.ndarray:
+                  num_bisect: int, num_iters: int, mesh=None) -> np.ndarray:
     """Eq. (3) summed over the consumers (each over the outputs `layer_masks` keep):
     the (c,) bool mask of the `keep` channels kept among the `alive` ones."""
     c = alive.shape[0]
     masks_flat = traverse_util.flatten_dict(dict(layer_masks))
+    consumer_gram = gram_fns(mesh)[1]
     G = b = 0.0
     for ref in consumers:
-        G_l, b_l = _consumer_gram(xs[ref.layer.path], ref.W, ref.target,
+        G_l, b_l = consumer_gram(xs[ref.layer.path], ref.W, ref.target,
                                   _out_mask(masks_flat, ref.layer, ref.kernel.shape[-1]))
         G, b = G + np.asarray(G_l)[:c, :c], b + np.asarray(b_l)[:c]
     return np.asarray(_select_padded(G, b, keep, alive, num_bisect=num_bisect, num_iters=num_iters)[0])
 
 
+def _on_one_device(x: jax.Array, mesh) -> jax.Array:
+    """The whole of `x` (split over `mesh`) on this process's first device of it. The refit's
+    SVD runs there: partitioned over the mesh, XLA would run it replicated on every device
+    (on simulated CPU devices, 8 times over)."""
+    return x if mesh is None else jax.device_put(x, replicated(mesh)).addressable_data(0)
+
+
 def _refit_consumers(consumers: list[_Consumer], xs: Mapping, kept: np.ndarray, ridge: float | str,
-                     params_flat: dict):
-    """Eq. (4): refits every consumer's kernel on the `kept` channels, in `params_flat`."""
+                     params_flat: dict, num_images: int, mesh=None):
+    """Eq. (4): refits every consumer's kernel on the `kept` channels, in `params_flat`
+    (on the rows of the `num_images` images sampled, without the batch padding)."""
     c = kept.shape[0]
     kept_padded = _np_pad(kept, 0, _bucket(c))
     for ref in consumers:
-        W = np.asarray(least_squares_refit(xs[ref.layer.path], ref.target, kept_padded, ridge=ridge))
+        X, Y = _on_one_device(xs[ref.layer.path], mesh), _on_one_device(ref.target, mesh)
+        W = np.asarray(least_squares_refit(X, Y, kept_padded, ridge=ridge, num_rows=valid_rows(X, num_images, mesh)))
         params_flat[_kernel_path(ref.layer.path)] = jnp.asarray(
             W[:, :c, :ref.kernel.shape[-1]].reshape(ref.kernel.shape), ref.kernel.dtype)
 
 
 def _prune_in_order(table: ModelTable, refs: dict[int, list[_Consumer]], base: Mapping, params_flat: dict,
                     sample_inputs: Callable, keep_counts: Sequence[int], group_masks: list, *,
-                    ridge: float | str, num_bisect: int, num_iters: int) -> dict:
+                    ridge: float | str, num_bisect: int, num_iters: int, num_images: int, mesh=None) -> dict:
     """He et al.'s sequential pruning (Sec. 3.2): for each group of `refs` in order,
     sample its consumers' inputs with the current network, select, refit. Updates
     `group_masks` and `params_flat` in place; returns the final variables."""
@@ -186,9 +206,9 @@ def _prune_in_order(table: ModelTable, refs: dict[int, list[_Consumer]], base: M
     for g, consumers in refs.items():
         xs = sample_inputs(current, tuple(ref.layer.path for ref in consumers))
         kept = _lasso_select(consumers, xs, current["masks"], keep_counts[g], np.asarray(group_masks[g]) > 0,
-                             num_bisect, num_iters)
+                             num_bisect, num_iters, mesh)
         group_masks[g] = jnp.asarray(kept, jnp.float32)
-        _refit_consumers(consumers, xs, kept, ridge, params_flat)
+        _refit_consumers(consumers, xs, kept, ridge, params_flat, num_images, mesh)
         current["params"] = traverse_util.unflatten_dict(params_flat)
         current["masks"] = table.layer_masks(group_masks, current["masks"])
         del xs
@@ -201,7 +221,8 @@ def _prune_in_order(table: ModelTable, refs: dict[int, list[_Consumer]], base: M
 
 def lasso_prune(table: ModelTable, variables: Mapping, images, keep_counts: Sequence[int],
                 groups: Sequence[int] | None = None, positions_per_image: int = 10, seed: int = 0, *,
-                batch_size: int = 256, ridge: float | str = "auto", num_bisect: int = 60, num_iters: int = 3000):
+                batch_size: int = 256, ridge: float | str = "auto", num_bisect: int = 60, num_iters: int = 3000,
+                mesh=None):
     """Channel pruning of He et al. 2017 over a whole network; returns (group_masks, variables).
 
     For every group g in `groups` (default: every group of `lasso_groups` whose kept
@@ -238,6 +259,9 @@ def lasso_prune(table: ModelTable, variables: Mapping, images, keep_counts: Sequ
       batch_size: images per forward pass while sampling.
       ridge: ridge of the refit (`least_squares_refit`): "auto" (default; leave-one-out
         choice, 0 included) or a fixed float (0.0 = He et al.'s plain least squares).
+      mesh: a 1-D ('data',) device mesh (e.g. `Experiment.mesh`) to sample and sum the
+        statistics over, data parallel (module docstring); None: one device. Batches are
+        zero-padded to a multiple of its size, so any number of images works.
     Returns:
       (group_masks, new_variables): one float32 0/1 mask per group and the variables
       with refitted kernels and the new `masks` collection.
@@ -254,12 +278,13 @@ def lasso_prune(table: ModelTable, variables: Mapping, images, keep_counts: Sequ
         return group_masks, dict(variables)
 
     all_paths = tuple(l.path for l in table.layers if l.in_group in eligible)
-    sample_inputs = _input_sampler(table, images, all_paths, positions_per_image, seed, batch_size)
+    sample_inputs = _input_sampler(table, images, all_paths, positions_per_image, seed, batch_size, mesh)
     base = {k: v for k, v in variables.items() if k != "quant"}
     if "masks" not in base:
         base["masks"] = table.layer_masks(group_masks)
     params_flat = traverse_util.flatten_dict(dict(variables["params"]))
-    refs = _reference_consumers(table, groups, params_flat, masks_flat, sample_inputs, base)
+    refs = _reference_consumers(table, groups, params_flat, masks_flat, sample_inputs, base, mesh)
     current = _prune_in_order(table, refs, base, params_flat, sample_inputs, keep_counts, group_masks,
-                              ridge=ridge, num_bisect=num_bisect, num_iters=num_iters)
+                              ridge=ridge, num_bisect=num_bisect, num_iters=num_iters, num_images=images.shape[0],
+                              mesh=mesh)
     return group_masks, dict(variables, params=current["params"], masks=current["masks"])

@@ -48,12 +48,12 @@ def _svd_ridge(Xf, Y, ridge, auto: bool):
     return jnp.dot(Vt.T, d[:, None] * UtY, precision=_HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel_shape", "auto"))
-def _refit(X, Y, kept, ridge, kernel_shape, auto):
-    X = jnp.asarray(X, jnp.float32)
+@functools.partial(jax.jit, static_argnames=("kernel_shape", "auto", "num_rows"))
+def _refit(X, Y, kept, ridge, kernel_shape, auto, num_rows=None):
+    X = jnp.asarray(X, jnp.float32)[:num_rows]
     if X.ndim == 2:
         X = X[:, None, :]
-    Y = jnp.asarray(Y, jnp.float32)
+    Y = jnp.asarray(Y, jnp.float32)[:num_rows]
     n, r, c = X.shape
     keepf = jnp.asarray(kept, jnp.float32)
     Xf = (X * keepf[None, None, :]).reshape(n, r * c)
@@ -61,7 +61,8 @@ def _refit(X, Y, kept, ridge, kernel_shape, auto):
     return W if kernel_shape is None else W.reshape(kernel_shape)
 
 
-def least_squares_refit(X, Y, kept, *, ridge: float | str = 0.0, kernel_shape: tuple | None = None):
+def least_squares_refit(X, Y, kept, *, ridge: float | str = 0.0, kernel_shape: tuple | None = None,
+                        num_rows: int | None = None):
     """Refits the kept channels' weights by least squares, He et al. 2017 Eq. (4).
 
     W = argmin_W ||Y - X_kept W||_F^2 (+ ridge * n * ||W||_F^2), solved by a thin SVD
@@ -80,6 +81,9 @@ def least_squares_refit(X, Y, kept, *, ridge: float | str = 0.0, kernel_shape: t
       ridge: float >= 0, or "auto".
       kernel_shape: optional layer kernel shape (HWIO conv or (r * c, m) dense) to
         reshape the result to.
+      num_rows: only the first `num_rows` rows of X and Y are samples (the rest: padding,
+        e.g. of a batch split over devices); default all. The SVD is not data parallel:
+        give X and Y on one device (`lasso_prune` gathers them).
     Returns:
       W of shape (r, c, m) (or `kernel_shape`), float32.
     """
@@ -89,4 +93,5 @@ def least_squares_refit(X, Y, kept, *, ridge: float | str = 0.0, kernel_shape: t
     if not auto and ridge < 0:
         raise ValueError(f"least_squares_refit: ridge must be >= 0, got {ridge}")
     kernel_shape = None if kernel_shape is None else tuple(int(d) for d in kernel_shape)
-    return _refit(X, Y, kept, 0.0 if auto else float(ridge), kernel_shape, auto)
+    num_rows = None if num_rows is None or num_rows == X.shape[0] else int(num_rows)
+    return _refit(X, Y, kept, 0.0 if auto else float(ridge), kernel_shape, auto, num_rows)

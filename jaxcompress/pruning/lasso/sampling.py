@@ -8,6 +8,13 @@ gives its (kh*kw, C) patches at fixed random output positions, a Dense layer fed
 a flattened NHWC map one (H*W, C) row per image. Channels are zero-padded to
 multiples of _BUCKET so one compilation of each per-layer function serves layers of
 similar widths. The `quant` collection is not applied here (callers drop it).
+
+Data parallel over a ('data',) mesh (`mesh`, default None: one device): each batch of
+images (and its positions) is split over the devices, the variables are replicated,
+and the recorded patches stay split by rows (`P('data')`). Batches are padded with
+zero images to a multiple of the device count; a per-image `valid` weight zeroes the
+padding's rows, which is neutral for everything built on them (Gram sums, targets,
+the refit, given `valid_rows`).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import numpy as np
 
 from jaxcompress.layers import Conv, Dense
 from jaxcompress.models.table import ModelTable
+from jaxcompress.train.steps import batch_sharded, replicated
 
 _BUCKET = 32
 
@@ -69,15 +77,25 @@ def _conv_patches(x, mod: Conv, positions, out_w: int):
     return patches.reshape(B * P, kh * kw, x.shape[-1])
 
 
+def _devices(mesh) -> int:
+    return 1 if mesh is None else mesh.size
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
 @functools.lru_cache(maxsize=16)
-def _make_sampler(table: ModelTable):
-    """Jitted `sample(variables, images, positions, paths) -> {path: (n, r, c_padded)}`
-    recording the inputs of the layers in `paths` (static) with
-    `flax.linen.intercept_methods`; channels are zero-padded to a _BUCKET multiple."""
+def _make_sampler(table: ModelTable, mesh=None):
+    """Jitted `sample(variables, images, positions, valid, paths=...) -> {path: (n, r,
+    c_padded)}` recording the inputs of the layers in `paths` (static) with
+    `flax.linen.intercept_methods`; channels are zero-padded to a _BUCKET multiple, and
+    the rows of images with `valid` 0 (batch padding) are zeros. With a `mesh`, the result
+    is split over 'data', like the images, positions and `valid` it is given (the
+    variables: replicated)."""
     info = {l.path: l for l in table.layers}
 
-    @functools.partial(jax.jit, static_argnames=("paths",))
-    def sample(variables, images, positions, paths):
+    def sample(variables, images, positions, valid, *, paths):
         out = {}
 
         def interceptor(next_fun, args, kwargs, context):
@@ -90,34 +108,71 @@ def _make_sampler(table: ModelTable):
                         patches = _conv_patches(x, mod, positions[path], info[path].out_hw[1])
                     else:
                         patches = x.reshape(x.shape[0], info[path].in_repeat, -1)
-                    out[path] = _pad_axis(patches, 2, _bucket(patches.shape[2]))
+                    keep = jnp.repeat(valid > 0, patches.shape[0] // valid.shape[0])[:, None, None]
+                    out[path] = jnp.where(keep, _pad_axis(patches, 2, _bucket(patches.shape[2])), 0.0)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
             table.model.apply(variables, images, train=False)
         return out
 
-    return sample
+    if mesh is None:
+        return jax.jit(sample, static_argnames=("paths",))
+    # Called with the variables placed replicated and the rest split over 'data' (`_sample_inputs`):
+    # jit partitions the program along its committed arguments (in_shardings excludes static kwargs).
+    return jax.jit(sample, static_argnames=("paths",), out_shardings=batch_sharded(mesh))
 
 
-def _sample_inputs(sample, variables, images, positions, paths, batch_size, keep_paths):
-    """Runs `sample` over `images` in fixed-size batches (last one padded); returns the
-    patches of `keep_paths`. `paths` (all consumers) stays fixed so that one compiled
-    sampler serves every pass."""
+def _split_rows(tree, mesh):
+    """Host arrays (the same on every process) split by rows over `mesh`'s 'data' axis,
+    each process putting only its own devices' rows."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i]), tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _concat_rows(mesh=None):
+    """Jitted `concat(chunks, rows=...)`: the chunks stacked along rows, cut to `rows`
+    (static); split over 'data' with a `mesh`."""
+    concat = lambda chunks, *, rows: jnp.concatenate(chunks)[:rows]
+    if mesh is None:
+        return jax.jit(concat, static_argnames=("rows",))
+    return jax.jit(concat, static_argnames=("rows",), out_shardings=batch_sharded(mesh))
+
+
+def valid_rows(x, num_images: int, mesh=None) -> int:
+    """How many leading rows of a sampled array `x` (from `_input_sampler` over
+    `num_images` images on `mesh`) are samples; the rest is zero padding."""
+    return x.shape[0] // _round_up(num_images, _devices(mesh)) * num_images
+
+
+def _sample_inputs(sample, variables, images, positions, paths, batch_size, keep_paths, mesh=None):
+    """Runs `sample` over `images` in fixed-size batches (the last one padded with zero
+    images, whose rows are zeros); returns the patches of `keep_paths`, the rows of
+    round_up(n, devices) images (those past n: zeros), split over 'data' with a `mesh`.
+    `paths` (all consumers) stays fixed so that one compiled sampler serves every pass;
+    `batch_size` is a multiple of the device count."""
     n = images.shape[0]
+    if mesh is not None:
+        variables = jax.device_put(variables, replicated(mesh))
     chunks = {p: [] for p in keep_paths}
+    per_image = {}
     for start in range(0, n, batch_size):
-        batch = images[start:start + batch_size]
-        nb = batch.shape[0]
-        if nb < batch_size and n > batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - nb, *batch.shape[1:]), batch.dtype)])
-        pos = {p: v[start:start + batch_size] for p, v in positions.items() if p in paths}
-        pos = {p: np.concatenate([v, np.zeros((batch.shape[0] - nb, v.shape[1]), v.dtype)]) for p, v in pos.items()}
-        out = sample(variables, jnp.asarray(batch), pos, paths)
+        nb = min(batch_size, n - start)
+        batch = _np_pad(images[start:start + batch_size], 0, batch_size)
+        pos = {p: _np_pad(v[start:start + batch_size], 0, batch_size) for p, v in positions.items() if p in paths}
+        valid = (np.arange(batch_size) < nb).astype(np.float32)
+        if mesh is not None:
+            batch, pos, valid = _split_rows((batch, pos, valid), mesh)
+        else:
+            batch = jnp.asarray(batch)
+        out = sample(variables, batch, pos, valid, paths=paths)
         for p in keep_paths:
-            per_image = out[p].shape[0] // batch.shape[0]
-            chunks[p].append(out[p][:nb * per_image])
-    return {p: jnp.concatenate(v) for p, v in chunks.items()}
+            per_image[p] = out[p].shape[0] // batch_size
+            chunks[p].append(out[p])
+    padded = _round_up(n, _devices(mesh))
+    concat = _concat_rows(mesh)
+    return {p: concat(tuple(v), rows=padded * per_image[p]) for p, v in chunks.items()}
 
 
 def _sample_positions(table: ModelTable, paths, num_images: int, per_image: int, seed: int):
@@ -133,15 +188,19 @@ def _sample_positions(table: ModelTable, paths, num_images: int, per_image: int,
     return positions
 
 
-def _input_sampler(table: ModelTable, images, paths: tuple, positions_per_image: int, seed: int, batch_size: int):
+def _input_sampler(table: ModelTable, images, paths: tuple, positions_per_image: int, seed: int, batch_size: int,
+                   mesh=None):
     """`sample_inputs(variables, keep_paths) -> {path: (n, r, c_padded)}` over all of
     `images`, at positions fixed once here (the same for every network sampled).
 
     The compiled sampler records every layer in `paths`, so one program serves every
     pass and every call on this table; `keep_paths` (a subset) is what is returned.
+    With a `mesh` the batches (rounded up to a multiple of its size) are split over
+    'data', and so are the results: their first `valid_rows` rows are the samples, the
+    rest zeros.
     """
     positions = _sample_positions(table, paths, images.shape[0], positions_per_image, seed)
-    sample = _make_sampler(table)
-    batch_size = min(batch_size, images.shape[0])
+    sample = _make_sampler(table, mesh)
+    batch_size = _round_up(min(batch_size, images.shape[0]), _devices(mesh))
     return lambda variables, keep_paths: _sample_inputs(sample, variables, images, positions, paths, batch_size,
-                                                        keep_paths)
+                                                        keep_paths, mesh)
