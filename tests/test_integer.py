@@ -13,6 +13,8 @@ from jaxcompress.layers.functional import activation_codes, quantize_activation
 from jaxcompress.models import create_model, describe
 from jaxcompress.quant import WeightQuantizer, make_quant, make_quantized_apply
 from jaxcompress.quant.integer import INTEGER, integer_apply, integer_layers, integerize
+from jaxcompress.quant.job import int8_ops
+from jaxcompress.stablehlo import export_stablehlo, load_stablehlo
 
 
 @pytest.mark.parametrize("signed,bits,calibrated", [(False, 8, True), (False, 4, False), (True, 8, False),
@@ -103,7 +105,7 @@ def test_dense_with_batch_axes_pruned_weights_and_zero_point():
     np.testing.assert_allclose(integer_apply(dense)(iv, x), want, rtol=1e-6, atol=1e-6)
 
 
-def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_float():
+def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_float(tmp_path):
     model = create_model("lenet5", 10, 1.0)
     x = jax.random.normal(jax.random.key(3), (16, 28, 28, 1))
     v = model.init(jax.random.key(0), x[:1], train=False)
@@ -116,8 +118,36 @@ def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_f
     assert set(iv[INTEGER]) == {"conv1", "conv2", "fc1", "fc2"}
     got = jax.jit(functools.partial(integer_apply(model), train=False))(iv, x)
     want = jax.jit(functools.partial(make_quantized_apply(model), train=False))(v, x)
-    assert float(jnp.max(jnp.abs(got - want))) <= 1e-3 * float(jnp.max(jnp.abs(want)))
+    # equal to float rounding, except where an activation sits on a rounding boundary and moves
+    # by one code (the module doc): which examples that hits depends on the CPU's float
+    # summation order (one of these 16 on an AVX2 EPYC, none on the CI machine of 2026-12-04)
+    scale = float(jnp.max(jnp.abs(want)))
+    per_example = np.asarray(jnp.max(jnp.abs(got - want), -1))
+    assert np.sum(per_example > 1e-5 * scale) <= 2 and per_example.max() <= 1e-2 * scale, per_example
     np.testing.assert_array_equal(jnp.argmax(got, -1), jnp.argmax(want, -1))
+    # exported as StableHLO, the integer network keeps its int8 x int8 products and runs with plain JAX
+    path = str(tmp_path / "model.int8.stablehlo")
+    apply = functools.partial(integer_apply(model), train=False)
+    export_stablehlo(path, apply, iv, (28, 28, 1))
+    exported = load_stablehlo(path)
+    np.testing.assert_allclose(np.asarray(exported.call(x)), np.asarray(got), rtol=1e-5, atol=1e-5)
+    text = exported.mlir_module()
+    # conv1, conv2, fc1, fc2, and conv2's zero-point correction on one example of ones (conv2
+    # reads unsigned ReLU codes; the dense layers' correction is a sum of the kernel, no product)
+    assert int8_ops(text) == 5
+    assert int8_ops(jax.jit(functools.partial(make_quantized_apply(model), train=False)).lower(v, x).as_text()) == 0
+
+
+def test_int8_ops_counts_only_products_of_int8_operands():
+    text = "\n".join([
+        '%0 = stablehlo.convolution(%a, %b) dim_numbers = [b, 0, 1, f] : (tensor<2x8x8x3xi8>, tensor<3x3x3x4xi8>) '
+        '-> tensor<2x8x8x4xi32>',
+        '%1 = stablehlo.dot_general %c, %d, contracting_dims = [1] x [0] : (tensor<2x5xi8>, tensor<5x3xi8>) '
+        '-> tensor<2x3xi32>',
+        '%2 = stablehlo.dot_general %e, %f, contracting_dims = [1] x [0] : (tensor<2x5xf32>, tensor<5x3xf32>) '
+        '-> tensor<2x3xf32>',
+        '%3 = stablehlo.convert %a : (tensor<2x8x8x3xi8>) -> tensor<2x8x8x3xf32>'])
+    assert int8_ops(text) == 2 and int8_ops(text + "\n" + text) == 2  # a second platform's copy: the same ops
 
 
 def test_refusals_are_one_line_and_attention_projections_stay_float():

@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent('''
     out["quantize"] = {k: s[k] for k in ("accuracy_qat", "accuracy_exported", "accuracy_quantized",
                                          "outputs_match", "payload_equals_accounting", "outputs_max_abs_diff",
                                          "accuracy_integer", "integer_layers", "stablehlo_argmax_agreement")}
+    out["quantize"]["integer_stablehlo"] = {k: s["integer_stablehlo"][k] for k in ("int8_ops", "argmax_agreement")}
 
     c = base("search")
     c.search.checkpoint = train_dir
@@ -127,6 +128,10 @@ def test_quantize_with_distilled_qat_on_eight_devices(results):
     # executed in int8 x int8 -> int32 (symmetric weights, every layer at 8 bits), replicated over 8 devices
     assert r["integer_layers"] == ["conv1", "conv2", "fc1", "fc2", "fc3"], r
     assert abs(r["accuracy_integer"] - r["accuracy_quantized"]) <= 0.01 and r["stablehlo_argmax_agreement"] == 1.0
+    # model.int8.stablehlo: the integer network, int8 x int8 products in the module (the 5 layers and the
+    # zero-point correction of conv2, which reads unsigned ReLU codes), agreeing with it under plain JAX
+    # (the export's constant folding may move one activation code: at most one of the 64 checked images)
+    assert r["integer_stablehlo"]["int8_ops"] == 6 and r["integer_stablehlo"]["argmax_agreement"] >= 63 / 64
 
 
 def test_search_on_eight_devices(results):

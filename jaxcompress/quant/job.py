@@ -18,8 +18,10 @@ budget (`quant.budget_bytes`, `quant.budget_ratio` of the float32 size,
 Writes `summary.json` (accuracies float / PTQ / QAT / exported, bytes by the
 accounting and of the file, output agreement of the loaded model), `model.npz` (the
 packed network), `policy.json` (the bits used, in the policy-file format) and
-`bits.png`, and `model.stablehlo` (the loaded network as serialized StableHLO, uint8
-images in, runnable with plain `jax.export`; `jaxcompress.stablehlo`). An interrupted
+`bits.png`, `model.stablehlo` (the loaded network as serialized StableHLO, uint8
+images in, runnable with plain `jax.export`; `jaxcompress.stablehlo`) and, where layers
+run in integers, `model.int8.stablehlo` (the integer network: int8 x int8 -> int32
+convolutions and products in the module, the same plain-JAX call). An interrupted
 QAT resumes from `<workdir>/qat/checkpoints`.
 
 The stages, each a function of the job's module: `float_network`, `choose_bits`,
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import time
 
 import jax
@@ -329,35 +332,47 @@ def export_and_verify(path: str, exp: Experiment, state: TrainState, evaluate, *
     x_check = jnp.asarray(normalize(exp.test[0][:verify_batch], exp.mean, exp.std))
     agreement = compare_outputs(state.apply_fn, folded, loaded_model.apply, loaded_vars, x_check)
     accuracy = evaluate(_eval_state(loaded_model, loaded_vars, exp.input_shape, seed), exp.test)["accuracy"]
-    stablehlo = verify_stablehlo(os.path.splitext(path)[0] + ".stablehlo", loaded_model, loaded_vars, exp,
-                                 verify_batch)
+    stablehlo = verify_stablehlo(os.path.splitext(path)[0] + ".stablehlo",
+                                 functools.partial(loaded_model.apply, train=False), loaded_vars, exp, verify_batch)
     return dict(accounting=accounting, exported=exported, agreement=agreement, accuracy=accuracy, stablehlo=stablehlo,
                 outputs_match=agreement["max_abs_diff"] <= 1e-5 * max(1.0, agreement["max_abs_output"]),
                 payload_equals_accounting=exported["payload_bytes"] == int(accounting["totals"]["bytes"]),
                 model=loaded_model, export_time_s=export_time)
 
 
-def verify_stablehlo(path: str, model, variables, exp: Experiment, verify_batch: int) -> dict:
-    """The loaded network exported as StableHLO to `path` (`jaxcompress.stablehlo`, uint8
-    images in), read back with plain `jax.export` and run on the first `verify_batch` test
-    images: the export's record plus "max_abs_diff" / "argmax_agreement" against the
-    loaded network."""
-    apply = functools.partial(model.apply, train=False)
+def verify_stablehlo(path: str, apply, variables, exp: Experiment, verify_batch: int) -> dict:
+    """The network `apply(variables, x)` exported as StableHLO to `path`
+    (`jaxcompress.stablehlo`, uint8 images in), read back with plain `jax.export` and run
+    on the first `verify_batch` test images: the export's record plus "max_abs_diff" /
+    "argmax_agreement" against `apply`, and "int8_ops": how many of the module's
+    convolutions and dot products take int8 operands (`int8_ops`)."""
     record = export_stablehlo(path, apply, variables, exp.input_shape, input_mean=exp.mean, input_std=exp.std)
+    exported = load_stablehlo(path)
     images = exp.test[0][:verify_batch]
-    got = np.asarray(load_stablehlo(path).call(images))
+    got = np.asarray(exported.call(images))
     want = np.asarray(jax.jit(apply)(variables, normalize(images, exp.mean, exp.std)))
     return dict(record, max_abs_diff=float(np.max(np.abs(got - want))) if got.size else 0.0,
-                argmax_agreement=float(np.mean(got.argmax(-1) == want.argmax(-1))) if got.size else 1.0)
+                argmax_agreement=float(np.mean(got.argmax(-1) == want.argmax(-1))) if got.size else 1.0,
+                int8_ops=int8_ops(exported.mlir_module()))
+
+
+def int8_ops(module_text: str) -> int:
+    """The distinct StableHLO convolutions and dot products in `module_text` whose operands
+    are int8 (`tensor<...xi8>`), i.e. run on integer codes (a module exported for several
+    platforms holds the same op, with the same location, once per platform)."""
+    ops = set(re.findall(r"stablehlo\.(?:convolution|dot_general)\b[^\n]*", module_text))
+    return sum(bool(re.search(r":\s*\(tensor<[^>]*xi8>,\s*tensor<[^>]*xi8>\)", op)) for op in ops)
 
 
 def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer, evaluate,
-                  latency_batch: int) -> dict:
+                  latency_batch: int, stablehlo_path: str | None = None, verify_batch: int = 256) -> dict:
     """Stage 5b (`quant.integer_check`, on by default): the quantized network `state`
     executed in integers (`jaxcompress.quant.integer`: int8 x int8 -> int32 wherever bits_w
     and bits_a are 2-8, symmetric weights): its test accuracy, and its forward latency
     against the fake-quantized float network's (timed in alternation, `latency_batch`; 0:
-    not timed). `no_integer_check()` when no layer can run integer."""
+    not timed); with `stablehlo_path`, that integer network exported as StableHLO there
+    and checked (`verify_stablehlo`: int8 convolutions and products, runnable with plain
+    JAX). `no_integer_check()` when no layer can run integer."""
     variables = jax.device_get(state.variables())
     layers = integer_layers(exp.table, variables.get("quant")) if quantizer.scheme == "symmetric" else []
     if not layers:
@@ -370,15 +385,17 @@ def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer
 
     latency = apply_latencies({"fake_quant": (state.apply_fn, variables), "integer": (apply, variables)},
                               exp.input_shape, latency_batch)
+    stablehlo = (verify_stablehlo(stablehlo_path, functools.partial(apply, train=False), variables, exp, verify_batch)
+                 if stablehlo_path else None)
     return dict(integer_layers=["/".join(p) for p in layers],
                 accuracy_integer=evaluate(state.replace(apply_fn=apply), exp.test)["accuracy"],
-                latency_integer_s=latency)
+                latency_integer_s=latency, integer_stablehlo=stablehlo)
 
 
 def no_integer_check() -> dict:
     """`integer_check`'s summary fields when no layer runs in integers (none can, or
     `quant.integer_check` is False)."""
-    return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={})
+    return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={}, integer_stablehlo=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,7 +429,8 @@ def quantize(config, workdir: str) -> dict:
     check = export_and_verify(os.path.join(workdir, "model.npz"), exp, state, evaluate, model_name=config.model.name,
                               quantizer=qrecipe.quantizer, index_bits=index_bits, verify_batch=q.verify_batch,
                               seed=config.seed)
-    fields.update(integer_check(exp, state, qrecipe.quantizer, evaluate, config.hardware.latency_batch)
+    fields.update(integer_check(exp, state, qrecipe.quantizer, evaluate, config.hardware.latency_batch,
+                                os.path.join(workdir, "model.int8.stablehlo"), q.verify_batch)
                   if q.integer_check else no_integer_check())
     summary = quantize_summary(config, exp, dense_table, qrecipe.quantizer, bits_w, bits_a, fields, check)
     summary["wall_time_s"] = time.time() - wall_start
