@@ -50,6 +50,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from benchmarks.resume import append_row, read_rows
 from jaxcompress import cost
 from jaxcompress.data import BatchIterator
 from jaxcompress.distributed import process_slice
@@ -157,28 +158,6 @@ def _fingerprint(config, b) -> str:
 
 def cell_key(method: str, layer: str | None, rate: float) -> str:
     return DENSE if method == DENSE else f"{method}/{layer}/{rate:g}"
-
-
-def read_results(path: str, fingerprint: str) -> dict[str, dict]:
-    """Cells already in `path` (JSON lines) with this fingerprint; a torn last line is ignored."""
-    out = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("fingerprint") == fingerprint:
-                    out[row["key"]] = row
-    return out
-
-
-def _append(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -361,7 +340,7 @@ def run(config, workdir: str) -> dict:
     dense_cost = cost.count(exp.table)
 
     results_path = os.path.join(workdir, "results.jsonl")
-    done = read_results(results_path, fp)
+    done = read_rows(results_path, fp)
     todo = ([(DENSE, None, 0.0)] if b["finetune_dense"] else []) + cells
     var_cache: dict = {}
     names = exp.table.group_names
@@ -401,7 +380,7 @@ def run(config, workdir: str) -> dict:
                        prune_time_s=prune_time, finetune_time_s=time.time() - ft_start,
                        noise_fit_time_s=var_cache[layer][1] if method == "variational" else None,
                        time_s=time.time() - start)
-            _append(results_path, row)
+            append_row(results_path, row)
             done[key] = row
             logging.info("[%d/%d] %-28s error %.2f%% -> %s%.2f%% after %d fine-tune steps (%+.2f points), %.1fs",
                          i + 1, len(todo), key, 100 * dense_error,

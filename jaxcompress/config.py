@@ -199,6 +199,9 @@ SCHEMA = Section(
         rerank_top_k=Int(8, lo=0, note="0: off"),  # the top-k distinct stage-1 candidates re-scored on split B,
         # the best there applied (EagleEye; jaxcompress.rl.rerank; 0: off, the best on the eval_size sample)
         rerank_size=Int(2000, lo=1),  # split B: validation images disjoint from the eval_size sample
+        # then the top few on split B each take select_finetune_steps SGD steps (candidate_finetune_batch /
+        # _lr) and are scored on split B again; the best after that is applied (EagleEye; 0: off)
+        select_finetune_top=Int(3, lo=0, note="0: off"), select_finetune_steps=steps(50, lo=1),
         eval_mode=Choice("stacked", ("stacked", "vmap")),  # stacked (shared weights, actors stacked on the
         # batch) | vmap
         eval_chunk=Int(0, lo=0, note="0: all"),  # actors evaluated at once (0: all)

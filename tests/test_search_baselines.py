@@ -17,6 +17,7 @@ from jaxcompress.rl import (PruneEnv, QuantEnv, RandomSearch, batched_rollout, c
                             make_prune_evaluator, make_reward_fn, rerank, run_search, top_distinct)
 from jaxcompress.rl.job import (AGENTS, check_rerank, eval_data, history_points, make_agent, rerank_stage1,
                                 validation_sample)
+from jaxcompress.rl.rerank import finetune_select
 
 BUDGET, A_MIN, A_MAX = 0.3, 0.1, 0.9
 EPISODES, ACTORS = 48, 16
@@ -169,3 +170,49 @@ def test_the_jobs_rerank_scores_split_b_with_the_searchs_scoring(setup):
         rerank_stage1(all_a, exp, setup.variables, setup.res, scoring, 5)
     with pytest.raises(ConfigError, match="validation split has 64, search.eval_size=64 takes them all"):
         check_rerank(all_a, 64)  # what the job calls before any training
+
+
+def test_finetune_select_fine_tunes_the_best_on_split_b_and_keeps_the_best_after():
+    """A hand-made re-ranking: 4 candidates; the 3 best on B (ties: better on A) are
+    fine-tuned by a lookup 'evaluator' and the best after fine-tuning is chosen."""
+    rows = [dict(index=i, values=[float(i), 1.0], actions=[0.1 * i], cost=1.0, accuracy_a=a, reward_a=a,
+                 accuracy_b=b, reward_b=b) for i, (a, b) in enumerate([(0.9, 0.7), (0.8, 0.8), (0.7, 0.8), (0.95, 0.6)])]
+    reranked = dict(top_k=4, size_b=10, size_a=5, candidates=rows, chosen=1, best={})
+    after = jnp.asarray([0.0, 0.85, 0.9, 0.99])  # accuracy after fine-tuning, by candidate (its values[0])
+    seen = []
+
+    def evaluate_ft(values, data):
+        seen.append(values.shape)
+        return after[values[:, 0].astype(jnp.int32)] + 0.0 * data["images"].sum()
+
+    out = finetune_select(evaluate_ft, lambda acc, cost, lo, hi: acc, reranked, dict(images=jnp.zeros(2)), 3, 1.0, 1.0)
+    assert out["finetuned"] == [1, 2, 0]  # B: 0.8, 0.8 (0.8 on A beats 0.7), 0.7; candidate 3 (0.6 on B) is not tried
+    assert seen == [(3, 2)]
+    assert out["chosen"] == 2 and out["best"]["values"] == [2.0, 1.0] and out["best"]["actions"] == [0.2]
+    assert out["best"]["accuracy_ft"] == pytest.approx(0.9) and out["best"]["reward"] == 0.7
+    assert "accuracy_ft" not in out["candidates"][3] and out["candidates"][0]["accuracy_ft"] == 0.0
+    assert rows[0] == reranked["candidates"][0] and "accuracy_ft" not in rows[0]  # the input is not changed
+    with pytest.raises(ValueError):
+        finetune_select(evaluate_ft, lambda *a: a[0], reranked, {}, 0, 1.0, 1.0)
+
+
+def test_the_jobs_selection_fine_tunes_with_the_searchs_evaluator(setup):
+    n = 64
+    x = np.random.default_rng(2).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    labels = np.random.default_rng(3).integers(0, 10, n)
+    exp = types.SimpleNamespace(val=(x, labels), train=(x, labels), mean=0.5, std=0.25, mesh=None)
+    s = types.SimpleNamespace(rerank_top_k=4, rerank_size=2000, eval_size=24, candidate_finetune_steps=0,
+                              candidate_finetune_batch=8, select_finetune_top=2, select_finetune_steps=3)
+    ranks = channel_ranks(C.channel_scores(setup.table, setup.variables, "l1"))
+    evaluate_ft = make_prune_evaluator(setup.env, setup.table.model, ranks, chunk=8, finetune_steps=3,
+                                       finetune_lr=0.05, bn_adapt=True)
+    out = rerank_stage1(s, exp, setup.variables, setup.res, (setup.evaluate, setup.reward_fn), 5, evaluate_ft)
+    plain = rerank_stage1(s, exp, setup.variables, setup.res, (setup.evaluate, setup.reward_fn), 5)
+    assert [dict((k, r[k]) for k in r if not k.endswith("_ft")) for r in out["candidates"]] == plain["candidates"]
+    data_ft = eval_data(exp, setup.variables, 2000, 5, 3, 8, skip=24)
+    assert data_ft["train_images"].shape == (3, 8, 28, 28, 1)
+    expected = finetune_select(evaluate_ft, setup.reward_fn, plain, data_ft, 2,
+                               min(setup.res.history["cost"]), max(setup.res.history["cost"]))
+    assert out["finetuned"] == expected["finetuned"] and len(out["finetuned"]) == 2
+    assert out["chosen"] == expected["chosen"] and out["best"] == expected["best"]
+    assert all("reward_ft" in out["candidates"][i] for i in out["finetuned"])

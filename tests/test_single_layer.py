@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from benchmarks.configs import single_layer_cifar10
+from benchmarks.resume import read_rows
 from benchmarks.run import run as run_job
 from jaxcompress.data import normalize
 from jaxcompress.errors import ConfigError
@@ -178,6 +179,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, monkeypatch):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
 
     # other settings -> other fingerprint: nothing is reused
-    assert bench.read_results(str(tmp_path / "results.jsonl"), "0" * 10) == {}
+    assert read_rows(str(tmp_path / "results.jsonl"), "0" * 10) == {}
+    assert len(read_rows(str(tmp_path / "results.jsonl"), s["fingerprint"])) == 3
     c.bench.finetune_steps = 4
     assert bench._fingerprint(c, bench.check_config(c)[0]) != s["fingerprint"]

@@ -6,8 +6,10 @@ FLOPs budget (`search.flops_budget`, AMC action wall), every candidate evaluated
 in-graph on a fixed sample of the *validation* split (`search.eval_size` images,
 split A). With `search.rerank_top_k > 0` the top-k distinct candidates by that score
 are scored again on a disjoint, larger validation sample (`search.rerank_size` images,
-split B; `jaxcompress.rl.rerank`) and the best on B is kept; otherwise the best
-candidate (highest reward) is kept. It is applied with the channel-selection scheme
+split B; `jaxcompress.rl.rerank`); the `search.select_finetune_top` best on B are then
+fine-tuned `search.select_finetune_steps` SGD steps and scored on B again, and the best
+after that is kept (EagleEye's protocol; with `select_finetune_top=0`, the best on B);
+without re-ranking the best candidate (highest split-A reward) is kept. It is applied with the channel-selection scheme
 `search.scheme` (l1 / l2 / bn magnitude, or lasso / variational via
 `jaxcompress.pruning`), the network is shrunk physically and fine-tuned.
 
@@ -53,7 +55,7 @@ from jaxcompress.rl.env import OBS_DIM, ElementEnv, PruneEnv, QuantEnv
 from jaxcompress.rl.evaluate import make_element_evaluator, make_prune_evaluator, make_quant_evaluator
 from jaxcompress.rl.ppo import PPO, PPOConfig
 from jaxcompress.rl.random_search import RandomSearch
-from jaxcompress.rl.rerank import rerank
+from jaxcompress.rl.rerank import finetune_select, rerank
 from jaxcompress.rl.search import channel_ranks, make_reward_fn, run_search
 from jaxcompress.timing import forward_latencies
 from jaxcompress.train import Recipe, Teacher, setup_experiment
@@ -119,7 +121,8 @@ def eval_data(exp, variables, size: int, seed: int, train_steps: int = 0, train_
                 images=jnp.asarray(normalize(x[idx], exp.mean, exp.std)), labels=jnp.asarray(y[idx], jnp.int32))
     if train_steps:
         xt, yt = exp.train
-        idx = np.random.default_rng(seed + 1).choice(len(xt), train_steps * train_batch, replace=False)
+        need = train_steps * train_batch  # drawn with replacement only when the training split is smaller
+        idx = np.random.default_rng(seed + 1).choice(len(xt), need, replace=need > len(xt))
         data["train_images"] = jnp.asarray(normalize(xt[idx], exp.mean, exp.std)).reshape(
             (train_steps, train_batch) + xt.shape[1:])
         data["train_labels"] = jnp.asarray(yt[idx], jnp.int32).reshape(train_steps, train_batch)
@@ -153,15 +156,17 @@ def policy_plan(s, table, env, values, seed: int, batch_size: int) -> tuple[Prun
 
 # ------------------------------------------------------------------------------------ stages
 
-def stage1_scoring(s, env, exp, variables):
-    """(evaluator, reward_fn) of stage 1: how every candidate is scored."""
+def stage1_scoring(s, env, exp, variables, finetune_steps: int | None = None):
+    """(evaluator, reward_fn) of stage 1: how every candidate is scored; each candidate
+    first takes `finetune_steps` SGD steps (default `search.candidate_finetune_steps`)."""
+    steps = s.candidate_finetune_steps if finetune_steps is None else finetune_steps
     if isinstance(env, ElementEnv):
-        evaluator = make_element_evaluator(env, exp.model, variables, s.eval_chunk or 1, s.bn_adapt,
-                                           s.candidate_finetune_steps, s.candidate_finetune_lr)
+        evaluator = make_element_evaluator(env, exp.model, variables, s.eval_chunk or 1, s.bn_adapt, steps,
+                                           s.candidate_finetune_lr)
     else:
         ranks = channel_ranks(C.channel_scores(exp.table, variables, s.rank_criterion))
-        evaluator = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode,
-                                         s.candidate_finetune_steps, s.candidate_finetune_lr, s.bn_adapt)
+        evaluator = make_prune_evaluator(env, exp.model, ranks, s.eval_chunk, s.eval_mode, steps,
+                                         s.candidate_finetune_lr, s.bn_adapt)
     return evaluator, make_reward_fn(s.reward, env.cost_bounds(), s.cost_norm)
 
 
@@ -186,12 +191,15 @@ def check_rerank(s, n_val: int) -> None:
                           f"search.eval_size, raise data.val_size or set search.rerank_top_k=0")
 
 
-def rerank_stage1(s, exp, variables, res1, scoring, seed: int) -> dict | None:
+def rerank_stage1(s, exp, variables, res1, scoring, seed: int, evaluate_ft=None) -> dict | None:
     """Held-out re-ranking of stage 1 (`jaxcompress.rl.rerank`): the top
     `search.rerank_top_k` distinct candidates by their split-A reward, scored by the same
     `scoring` on split B, `search.rerank_size` validation images disjoint from split A
-    (`validation_sample`). None when `rerank_top_k` is 0; ConfigError when the validation
-    split has no image left after split A."""
+    (`validation_sample`); with `evaluate_ft` (the evaluator with
+    `search.select_finetune_steps` SGD steps), the `search.select_finetune_top` best on B
+    are fine-tuned and re-scored there, the best after that chosen (`finetune_select`).
+    None when `rerank_top_k` is 0; ConfigError when the validation split has no image
+    left after split A."""
     if not s.rerank_top_k:
         return None
     n_val = len(exp.val[0])
@@ -205,6 +213,15 @@ def rerank_stage1(s, exp, variables, res1, scoring, seed: int) -> dict | None:
     evaluator, reward_fn = scoring
     out = rerank(evaluator, reward_fn, res1.history, data_b, s.rerank_top_k, exp.mesh)
     out["size_a"] = min(s.eval_size, n_val)
+    if evaluate_ft is not None and s.select_finetune_top:  # EagleEye's last step
+        data_ft = eval_data(exp, variables, s.rerank_size, seed, s.select_finetune_steps, s.candidate_finetune_batch,
+                            skip=s.eval_size)
+        costs = np.asarray(res1.history["cost"], np.float64)
+        out = finetune_select(evaluate_ft, reward_fn, out, data_ft, s.select_finetune_top, costs.min(), costs.max(),
+                              exp.mesh)
+        logging.info("stage 1 selection: the %d best on split B fine-tuned %d steps; chosen #%d (split B %.4f -> "
+                     "%.4f after fine-tuning)", len(out["finetuned"]), s.select_finetune_steps, out["chosen"] + 1,
+                     out["best"]["reward_b"], out["best"]["reward_ft"])
     c = out["candidates"][out["chosen"]]
     logging.info("stage 1 re-ranking: %d candidates on %d held-out images; chosen #%d (split A reward %.4f, "
                  "split B %.4f), split-A best has split B %.4f", len(out["candidates"]), out["size_b"],
@@ -246,7 +263,9 @@ def search(config, workdir: str) -> dict:
     dense = dict(test=evaluate(state, exp.test), val=evaluate(state, exp.val))
     scoring = stage1_scoring(s, env, exp, state.variables())
     res1 = search_pruning(s, env, exp, state.variables(), config.seed, workdir, scoring)
-    reranked = rerank_stage1(s, exp, state.variables(), res1, scoring, config.seed)
+    evaluate_ft = (stage1_scoring(s, env, exp, state.variables(), s.select_finetune_steps)[0]
+                   if s.select_finetune_top else None)
+    reranked = rerank_stage1(s, exp, state.variables(), res1, scoring, config.seed, evaluate_ft)
     best1 = reranked["best"] if reranked else res1.best  # the policy applied
 
     values = np.asarray(best1["values"])
@@ -330,7 +349,8 @@ def rerank_summary(reranked: dict | None) -> dict | None:
                 size_b=reranked["size_b"], chosen=reranked["chosen"], chosen_episode=c.get("episode"),
                 chosen_reward_a=c["reward_a"], chosen_reward_b=c["reward_b"], chosen_accuracy_a=c["accuracy_a"],
                 chosen_accuracy_b=c["accuracy_b"], search_best_reward_a=first["reward_a"],
-                search_best_reward_b=first["reward_b"])
+                search_best_reward_b=first["reward_b"], finetuned=reranked.get("finetuned"),
+                chosen_reward_ft=c.get("reward_ft"), chosen_accuracy_ft=c.get("accuracy_ft"))
 
 
 def search_bits(config, small_exp, small_state, dense_bytes: float, workdir: str):

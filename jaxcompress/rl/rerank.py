@@ -6,7 +6,8 @@ images one standard error is a few points of accuracy. Re-ranking takes the top-
 *distinct* policies by their split-A score (`top_distinct`), scores them again with
 the same evaluator and reward on a disjoint, larger validation sample (split B), and
 keeps the one best on B (`choose`). Both are pure functions of score tables;
-`rerank` wires them to an evaluator and a search's history.
+`rerank` wires them to an evaluator and a search's history. `finetune_select`, the
+protocol's last step, briefly fine-tunes the few best on B and keeps the best after it.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k
                                     jnp.float32(cost_all.min()), jnp.float32(cost_all.max())), np.float64)
     rows = []
     for j, i in enumerate(idx):
-        row = dict(index=i, values=values[j].tolist(), cost=float(cost[j]),
+        row = dict(index=i, values=values[j].tolist(), actions=np.asarray(history["actions"][i]).tolist(),
+                   cost=float(cost[j]),
                    accuracy_a=float(history["accuracy"][i]), reward_a=float(history["reward"][i]),
                    accuracy_b=float(acc_b[j]), reward_b=float(reward_b[j]))
         for key in ("episode", "cost_ratio", "params"):
@@ -80,8 +82,39 @@ def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k
                 row[key] = history[key][i]
         rows.append(row)
     chosen = choose([r["reward_a"] for r in rows], [r["reward_b"] for r in rows])
-    c, i = rows[chosen], idx[chosen]
-    best = dict(reward=c["reward_a"], accuracy=c["accuracy_a"], cost=c["cost"], values=c["values"],
-                actions=np.asarray(history["actions"][i]).tolist(), reward_b=c["reward_b"],
-                accuracy_b=c["accuracy_b"])
-    return dict(top_k=top_k, size_b=int(np.shape(data_b["labels"])[0]), candidates=rows, chosen=chosen, best=best)
+    return dict(top_k=top_k, size_b=int(np.shape(data_b["labels"])[0]), candidates=rows, chosen=chosen,
+                best=_best(rows[chosen]))
+
+
+def _best(row: dict) -> dict:
+    """A candidate row as `SearchResult.best` (split-A reward and accuracy) plus its other scores."""
+    return dict(reward=row["reward_a"], accuracy=row["accuracy_a"],
+                **{k: row[k] for k in ("cost", "values", "actions", "reward_b", "accuracy_b", "reward_ft",
+                                       "accuracy_ft") if k in row})
+
+
+def finetune_select(evaluate_ft: Callable, reward_fn: Callable, reranked: dict, data_b, top: int, cost_lo: float,
+                    cost_hi: float, mesh=None) -> dict:
+    """EagleEye's last step on a `rerank` result: its `top` candidates best on split B
+    (ties: the better split-A reward, then the earlier), each briefly fine-tuned and
+    scored on split B by `evaluate_ft(values (n, ...), data) -> accuracy (n,)` (the
+    search's evaluator with `finetune_steps`: a few SGD steps on `data_b`'s fixed
+    training batches, then split B's images), rewarded by `reward_fn` (cost bounds
+    `cost_lo`, `cost_hi`). The best after fine-tuning is chosen (ties as `choose`).
+    Returns `reranked` with `accuracy_ft` / `reward_ft` on those candidates, `finetuned`
+    (their positions, best on B first), `chosen` and `best` (plus its reward_ft and
+    accuracy_ft) updated."""
+    if top < 1:
+        raise ValueError(f"finetune_select: top={top} must be >= 1")
+    rows = [dict(r) for r in reranked["candidates"]]
+    order = np.lexsort((np.arange(len(rows)), [-r["reward_a"] for r in rows], [-r["reward_b"] for r in rows]))
+    picked = [int(i) for i in order[:top]]
+    values = jnp.asarray([rows[i]["values"] for i in picked], jnp.float32)
+    acc = np.asarray(jax.jit(evaluate_ft)(values, place_on_mesh(data_b, mesh)), np.float64)
+    reward = np.asarray(reward_fn(jnp.asarray(acc, jnp.float32),
+                                  jnp.asarray([rows[i]["cost"] for i in picked], jnp.float32),
+                                  jnp.float32(cost_lo), jnp.float32(cost_hi)), np.float64)
+    for j, i in enumerate(picked):
+        rows[i].update(accuracy_ft=float(acc[j]), reward_ft=float(reward[j]))
+    chosen = picked[choose([rows[i]["reward_b"] for i in picked], reward.tolist())]
+    return dict(reranked, candidates=rows, finetuned=picked, chosen=chosen, best=_best(rows[chosen]))
