@@ -240,8 +240,9 @@ SCHEMA = Section(
             critic_target=Choice("mix", ("mix", "td", "return")),
             return_weight=fraction(0.5),  # critic y = w * return + (1 - w) * TD3 target (mix | td | return)
             advantage=Choice("q", ("q", "return")),
-            baseline=Choice("state", ("state", "mean"))),  # A = normalised Q(s,a) - Q(s,mu(s)) (q | return;
-        # state | mean)
+            baseline=Choice("state", ("state", "mean")),  # A = normalised Q(s,a) - Q(s,mu(s)) (q | return;
+            # state | mean)
+            normalize_advantages=Bool(True)),  # A / its batch standard deviation (False: centred only)
         ddpg=Section(
             hidden=Int(300, lo=1, hi=65536), actor_lr=rate(1e-4), critic_lr=rate(1e-3),
             tau=fraction(0.01, lo_open=True), discount=fraction(1.0), batch_size=Int(64, lo=1),

@@ -192,3 +192,16 @@ def test_pareto_front_and_best_per_budget():
     assert pareto_front(cost, acc) == [5, 2, 0]  # (1, .6) (2, .8) (3, .9); (5, .9) is dominated by (3, .9)
     out = best_per_budget([0.3, 0.1, 0.2], [0.9, 0.5, 0.8], [0.05, 0.15, 0.25, 1.0])
     assert [o["index"] for o in out] == [None, 1, 2, 0]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_advantages_are_centred_q_minus_state_value_and_scaled_only_when_normalised(normalize):
+    agent = PPO(PPOConfig(normalize_advantages=normalize), OBS_DIM)
+    state = agent.init(jax.random.PRNGKey(0))
+    batch = _batch()
+    q = np.asarray(agent.critic_net.apply(state.critic, batch["obs"], batch["action"]), np.float64)
+    v = np.asarray(agent.critic_net.apply(state.critic, batch["obs"], agent.greedy(state.actor, batch["obs"])),
+                   np.float64)
+    a = q - v
+    want = (a - a.mean()) / (a.std() + 1e-8) if normalize else a - a.mean()
+    np.testing.assert_allclose(np.asarray(agent.advantages(state, batch)), want, rtol=1e-4, atol=1e-6)

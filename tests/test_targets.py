@@ -192,6 +192,15 @@ def test_search_agents_resnet20_needs_ppo_only_as_high():
     assert _judged("search_agents_resnet20", _agents_summary((0.553, 0.025), (0.544, 0.021)))[0][3] is False
 
 
+def test_search_ppo_updates_reports_the_variant_without_a_target():
+    s = _agents_summary((0.9301, 0.0042), (0.9147, 0.0112))
+    del s["per_agent"]["ddpg"]
+    for variant in ("epochs16", "raw", "epochs16_raw"):
+        assert _judged(f"search_ppo_updates_{variant}", s) == [
+            ("PPO best reward (3 seeds)", "measured (no target set)", "0.9301 +- 0.0042, fine-tuned 98.90% +- 0.01",
+             None)]
+
+
 def test_search_agents_without_ddpg_is_not_judged():
     s = _agents_summary((0.553, 0.018), (0.544, 0.021))
     del s["per_agent"]["ddpg"]

@@ -62,6 +62,7 @@ class PPOConfig:
     return_weight: float = 0.5  # mix: y = w * return + (1 - w) * TD3 target
     advantage: str = "q"  # q: normalised critic Q(s, a) (change 1) | return: normalised observed return
     baseline: str = "state"  # state: subtract Q(s, mu(s)) before normalising | mean: only the batch mean
+    normalize_advantages: bool = True  # divide by the batch's standard deviation (False: centred values only)
 
     def __post_init__(self):
         if self.policy not in ("gaussian", "beta"):
@@ -176,8 +177,8 @@ class PPO(ActorCritic):
             values = self.critic_net.apply(state.critic, batch["obs"], batch["action"])
         if self.config.baseline == "state":
             values = values - self.critic_net.apply(state.critic, batch["obs"], self.greedy(state.actor, batch["obs"]))
-        values = jax.lax.stop_gradient(values)
-        return (values - values.mean()) / (values.std() + 1e-8)
+        values = jax.lax.stop_gradient(values) - values.mean()
+        return values / (values.std() + 1e-8) if self.config.normalize_advantages else values
 
     # -- update --------------------------------------------------------------------
     def update(self, state: PPOState, batch, key, episode=None):
