@@ -85,19 +85,27 @@ def predictor(config, workdir: str) -> dict:
     return summary
 
 
+# the budget rules `budget_accuracy` compares (`bench.rules`): a FLOPs budget with the uniform
+# ratio at unaligned widths; a measured-latency budget (aligned widths); the FLOPs budget with
+# per-group aligned widths chosen for latency (`prune.allocation=latency`, issue 21)
+RULES = ("flops", "latency", "flops_latency_allocation")
+
+
 def budget_accuracy(config, workdir: str) -> dict:
     b = config.bench
     exp = setup_experiment(config)
     pipeline.reference(config, exp, config.prune.checkpoint, workdir, "prune.checkpoint")
     checkpoint = config.prune.checkpoint or os.path.join(workdir, "pretrain")
     rows = {}
-    for rule in ("flops", "latency"):
+    for rule in b.get("rules", RULES):
         c = config.copy_and_resolve_references()
         c.prune.checkpoint = checkpoint
         if rule == "flops":
             c.prune.flops_budget, c.hardware.multiple = b.budget, 1
-        else:
+        elif rule == "latency":
             c.prune.latency_budget = b.budget
+        else:  # per-group aligned widths within the FLOPs budget, fastest by this device's layer table
+            c.prune.flops_budget, c.prune.allocation = b.budget, "latency"
         s = prune_and_finetune(c, os.path.join(workdir, rule))
         rows[rule] = {k: s[k] for k in ("accuracy_dense", "accuracy_masked", "accuracy_pruned", "widths_pruned",
                                         "flops_left", "params_removed", "latency_s", "speedup_shrunk",

@@ -85,6 +85,16 @@ def test_budget_accuracy(name):
                                                                      False)
 
 
+def test_budget_accuracy_reports_the_latency_allocation_row():
+    s = _budget_summary(0.3425, 0.3282, 2.03)
+    s["rows"]["flops_latency_allocation"] = dict(s["rows"]["latency"], accuracy_pruned=0.3390, speedup_shrunk=1.85)
+    targets, table = T.judge("budget_accuracy_resnet56", s)
+    assert [tuple(t.values()) for t in targets][2] == (
+        "accuracy, latency allocation vs uniform FLOPs rule", "measured (no target set)", "33.90% vs 34.25%, 1.85x",
+        None)
+    assert "| 50% FLOPs, latency allocation (aligned) |" in table and table.count("\n") == 5  # header, dense, 3 rules
+
+
 # ---- the quantize job -------------------------------------------------------------------
 
 def _quant_summary(accuracy_float, accuracy_exported, mode="ptq", **extra):
