@@ -1,5 +1,6 @@
 """Benchmark: accuracy and measured speed of a 50% latency budget (aligned widths)
-against a 50% FLOPs budget (unaligned widths) after the same fine-tune (issue 7).
+against a 50% FLOPs budget (unaligned widths) after the same fine-tune (issue 7), and
+of the 50% FLOPs budget with the latency allocation (per-group aligned widths, issue 21).
 
 ResNet-56 on a 10,000-image stratified subset of CIFAR-10 (short CPU budget: 6
 epochs of pretraining, once, into <workdir>/pretrain), L1 pruning of every channel
