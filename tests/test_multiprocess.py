@@ -302,3 +302,29 @@ def test_two_processes_killed_and_resumed_equal_one_process_on_two_devices(tmp_p
         match = next(q for q in _records(ref_dir) if q["step"] == r["step"])
         assert r["val"]["accuracy"] == pytest.approx(match["val"]["accuracy"], abs=1e-6)
     assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+
+    # the prune job on that network, as two processes and as one process on two devices: L1 channels,
+    # shrunk, fine-tuned one epoch over both processes; the same widths, accuracies and metrics
+    prune = ["--config.job=prune", f"--config.prune.checkpoint={run_dir}", "--config.prune.keep_ratio=0.5",
+             "--config.prune.finetune_epochs=1"]
+    pruned, pruned_ref = tmp_path / "prune_two", tmp_path / "prune_one"
+    procs = []
+    try:
+        procs.append(_start(pruned_ref, tmp_path / "prune_ref.log", prune, env=_env(devices=2)))
+        port = _free_port()
+        procs += [_start(pruned, tmp_path / f"prune{i}.log", prune + [
+            "--config.distributed.enabled=True", f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]) for i in range(2)]
+        codes = _finish(procs, 400)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0, 0], [_log(tmp_path / f"prune{i}.log")[-3000:] for i in range(2)]
+    summary, ref = (json.loads((d / "summary.json").read_text()) for d in (pruned, pruned_ref))
+    assert summary["widths_pruned"] == ref["widths_pruned"] and summary["widths_pruned"][0] < 300
+    for key in ("accuracy_dense", "accuracy_masked", "accuracy_pruned"):
+        assert summary[key] == pytest.approx(ref[key], abs=1e-6), key
+    records = _records(pruned / "finetune")
+    assert records and len({r["step"] for r in records}) == len(records)
