@@ -23,6 +23,7 @@ BENCHMARKS = {
     "bench_multiprocess": "benchmarks.multiprocess:run",
     "bench_stamp_seeds": "benchmarks.stamp_seeds:run",
     "bench_lm_prune": "benchmarks.lm_prune:run",
+    "bench_int8_ops": "benchmarks.int8_ops:run",
     "bench_proxy_fidelity": "benchmarks.proxy_fidelity:run",
 }
 ALL_JOBS = {**jobs.JOBS, **BENCHMARKS}

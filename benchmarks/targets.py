@@ -129,6 +129,23 @@ def peer_torch_pruning(s: Mapping) -> tuple[list, str]:
     return targets, s["table"]
 
 
+def int8_ops(s: Mapping) -> tuple[list, str]:
+    """Issue 21: float32 against int8 x int8 -> int32 ops on XLA:CPU, and what XLA compiled
+    the integer ones into (no target set: it measures why integer execution is slow)."""
+    rows = s["rows"]
+    table = "\n".join(["| op (batch " f"{s['batch_size']}) | float32 | int8 -> int32 | int8 speed / float32 | "
+                        "XLA runs it on | exact |", "|---|---|---|---|---|---|"]
+                       + [f"| {r['op']} | {r['float32_ms']:.2f} ms | {r['int8_ms']:.2f} ms | "
+                          f"{r['int8_vs_float32']:.2f}x | {' x '.join(r['operand_types'])} -> {r['result_type']} | "
+                          f"{r['int8_equals_float']} |"
+                          for r in rows])
+    slower = [r["op"] for r in rows if r["int8_vs_float32"] < 1.0]
+    converted = [r["op"] for r in rows if "s8" not in r["operand_types"]]
+    return [_t("int8 ops slower than float32", "measured (no target set)", f"{len(slower)} of {len(rows)}", None),
+            _t("int8 ops XLA runs on s32 (converted) operands", "measured (no target set)",
+               f"{len(converted)} of {len(rows)}: {', '.join(converted) or 'none'}", None)], table
+
+
 def lm_prune(s: Mapping) -> tuple[list, str]:
     """Issue 18: the LM's perplexity after pruning 25% of its heads and 30% of its MLP neurons,
     fine-tuned, against dense (no target set); masked == shrunk (logits within 1e-4)."""
@@ -395,7 +412,7 @@ def proxy_fidelity(s: Mapping, judged: bool = False) -> tuple[list, str]:
 
 JUDGES: dict[str, Callable[[Mapping], tuple[list, str | None]]] = {
     **{f"search_ppo_updates_{v}": search_ppo_updates for v in ("epochs16", "raw", "epochs16_raw")},
-    "peer_torch_pruning": peer_torch_pruning, "lm_prune": lm_prune,
+    "peer_torch_pruning": peer_torch_pruning, "lm_prune": lm_prune, "int8_ops": int8_ops,
     "layer_overhead": layer_overhead, "search_speed": search_speed, "prune_speedup": prune_speedup,
     "width_alignment": prune_speedup, "latency_predictor": latency_predictor, "lenet5_mnist": lenet5_mnist,
     "prune_lenet5_mnist": prune_lenet5_mnist, "bad_input": bad_input,
