@@ -121,6 +121,14 @@ SCRIPT = textwrap.dedent('''
                            params=[np.asarray(l, np.float64).ravel().tolist() for l in jax.tree.leaves(state.params)],
                            sharding=list(jax.tree.leaves(state.params)[0].sharding.spec) if m is not None else None)
     out["stamp"] = metas
+    # what meta_train's step is given on the mesh: the tasks split one per device
+    import optax
+    from jaxcompress.stamp.meta import meta_step_fn
+    step_fn, devices = meta_step_fn(stamp, mesh, 8)
+    tasks = sampler.sample(0, 8)
+    state = stamp.create_state(jax.random.key(0), tasks["set_x"][0], tasks["set_y"][0], optax.adam(0.01))
+    (_, task_shardings, _), _ = step_fn.lower(state, tasks, jnp.zeros((), jnp.int32)).compile().input_shardings
+    out["stamp_tasks"] = dict(devices=devices, specs=sorted({str(list(x.spec)) for x in jax.tree.leaves(task_shardings)}))
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -174,5 +182,7 @@ def test_stamp_meta_steps_on_the_mesh_equal_one_device(results):
     assert (one["devices"], mesh["devices"]) == (1, 8)  # the 8 tasks split one per device
     assert one["step"] == mesh["step"] == 2 and mesh["sharding"] == []
     assert len(one["params"]) == len(mesh["params"]) > 0
+    # the meta step meta_train compiles takes every task array split over the devices
+    assert results["stamp_tasks"] == {"devices": 8, "specs": ["['data']"]}
     for a, b in zip(one["params"], mesh["params"]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

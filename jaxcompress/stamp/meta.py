@@ -392,6 +392,18 @@ def _checked_meta_step(stamp: Stamp):
     return step
 
 
+def meta_step_fn(stamp: Stamp, mesh: jax.sharding.Mesh | None, tasks_per_step: int):
+    """(jitted meta step `(state, tasks, first_bad) -> (state, info, first_bad)`, devices):
+    on a `mesh` whose size divides `tasks_per_step`, the tasks are split over its devices
+    (`P('data')` on their leading axis) and everything else is replicated; else one device."""
+    devices = mesh.size if mesh is not None and tasks_per_step % mesh.size == 0 else 1
+    if devices == 1:
+        return jax.jit(_checked_meta_step(stamp), donate_argnums=(0,)), 1
+    rep = replicated(mesh)
+    return jax.jit(_checked_meta_step(stamp), in_shardings=(rep, batch_sharded(mesh), rep),
+                   out_shardings=(rep, rep, rep), donate_argnums=(0,)), devices
+
+
 def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, tasks_per_step, workdir,
                       checkpoint_every, log_every, settings: dict, validation: MetaValidation | None = None,
                       mesh: jax.sharding.Mesh | None = None):
@@ -401,13 +413,7 @@ def _meta_train_steps(stamp, sampler, state, ckpt: Checkpointer, num_steps, task
         restored, _ = ckpt.restore_tree(_tree(state))
         state = state.replace(**restored)
         logging.info("stamp: resumed meta-training at step %d", int(state.step))
-    devices = mesh.size if mesh is not None and tasks_per_step % mesh.size == 0 else 1
-    if devices > 1:  # tasks split over the devices, everything else replicated
-        rep = replicated(mesh)
-        step_fn = jax.jit(_checked_meta_step(stamp), in_shardings=(rep, batch_sharded(mesh), rep),
-                          out_shardings=(rep, rep, rep), donate_argnums=(0,))
-    else:
-        step_fn = jax.jit(_checked_meta_step(stamp), donate_argnums=(0,))
+    step_fn, devices = meta_step_fn(stamp, mesh, tasks_per_step)
     writer = MetricWriter(workdir)
     step = int(state.step)
     last_saved = ckpt.latest_step()
