@@ -12,7 +12,8 @@ from jaxcompress.layers import Conv, Dense
 from jaxcompress.layers.functional import activation_codes, quantize_activation
 from jaxcompress.models import create_model, describe
 from jaxcompress.quant import WeightQuantizer, make_quant, make_quantized_apply
-from jaxcompress.quant.integer import INTEGER, integer_apply, integer_layers, integerize
+from jaxcompress.quant.integer import (ACCUMULATE, FLOAT_EXACT_TERMS, INTEGER, accumulates_in_float, integer_apply,
+                                       integer_layers, integerize)
 from jaxcompress.quant.job import int8_ops
 from jaxcompress.stablehlo import export_stablehlo, load_stablehlo
 
@@ -91,6 +92,36 @@ def test_conv_accumulates_exactly_in_int32_and_scales_once(signed, granularity):
     np.testing.assert_allclose(got, fake, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(fake))))
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_float32_accumulation_of_the_codes_is_bit_identical_to_int32(signed):
+    conv = _One(signed=signed)
+    x = jax.random.normal(jax.random.key(4), (3, 7, 7, 4))
+    x = x if signed else jax.nn.relu(x)
+    v = _quantized(conv, x, 8, 8)
+    iv = integerize(describe(conv, (7, 7, 4)), v)
+    outs = {mode: np.asarray(jax.jit(integer_apply(conv, accumulate=mode))(iv, x)) for mode in ACCUMULATE}
+    np.testing.assert_array_equal(outs["float32"], outs["int32"])
+    np.testing.assert_array_equal(outs["auto"], outs["int32"])
+    # the float32 mode's program convolves in float32 (the int8 codes converted), no int8 product left
+    hlo = jax.jit(integer_apply(conv, accumulate="float32")).lower(iv, x).as_text()
+    convs = [line.split(" : ")[-1].strip() for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    assert convs and all("xf32>, tensor<3x3x4x6xf32>" in c for c in convs), convs
+    with pytest.raises(ValueError, match="accumulate='int16'"):
+        integer_apply(conv, accumulate="int16")
+
+
+def test_which_convolutions_accumulate_in_float():
+    small, wide = (3, 3, 16, 16), (3, 3, 64, 64)
+    assert FLOAT_EXACT_TERMS == 1032  # 2**24 // (128 * 127)
+    assert [accumulates_in_float(small, m, "cpu") for m in ACCUMULATE] == [False, True, True]
+    assert [accumulates_in_float(wide, m, "cpu") for m in ACCUMULATE] == [False, True, False]  # XLA:CPU has int8
+    assert not accumulates_in_float(small, "auto", "gpu")
+    # 3x3x128 = 1152 terms: a float32 sum could round, so int32 even when float32 is asked for
+    assert not accumulates_in_float((3, 3, 128, 8), "float32", "cpu")
+    assert accumulates_in_float((1, 1032, 8), "float32", "cpu") and not accumulates_in_float((1, 1033, 8), "float32",
+                                                                                              "cpu")
+
+
 def test_dense_with_batch_axes_pruned_weights_and_zero_point():
     dense = _One(widths=(5,), layer="dense")
     x = jax.nn.relu(jax.random.normal(jax.random.key(2), (3, 4, 7)))  # (batch, tokens, features)
@@ -117,6 +148,9 @@ def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_f
     iv = integerize(table, v)
     assert set(iv[INTEGER]) == {"conv1", "conv2", "fc1", "fc2"}
     got = jax.jit(functools.partial(integer_apply(model), train=False))(iv, x)
+    # conv1 (1 input channel) and conv2 (6) summed by the float32 kernel on the CPU: the same bits
+    auto = jax.jit(functools.partial(integer_apply(model, accumulate="auto"), train=False))(iv, x)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(got))
     want = jax.jit(functools.partial(make_quantized_apply(model), train=False))(v, x)
     # equal to float rounding, except where an activation sits on a rounding boundary and moves
     # by one code (the module doc): which examples that hits depends on the CPU's float

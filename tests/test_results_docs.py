@@ -137,6 +137,9 @@ def test_targets_are_judged_from_the_summary_and_a_replaced_record_is_kept(tmp_p
     got, table = targets.judge("quant_integer_resnet20", integer)
     assert [(t["measured"], t["met"]) for t in got] == [("-0.01 points", False), ("0.50x", None)]
     assert "| ResNet-20 | 70.00% | 69.90% | 69.89% | 1,089,896 -> 280,472 | 200.0 / 250.0 / 400.0 ms | 0.50x" in table
+    integer.update(accuracy_integer_auto=0.6989, latency_integer_s=dict(fake_quant=0.25, integer=0.4, integer_auto=0.16))
+    got, _ = targets.judge("quant_integer_resnet20", integer)
+    assert got[2]["measured"] == "1.25x (160.0 ms; accuracy the same)" and got[2]["met"] is None
 
     workdir = tmp_path / "run"
     workdir.mkdir()

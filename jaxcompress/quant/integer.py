@@ -21,15 +21,24 @@ network's float convolution rounds in its sum instead. The outputs therefore agr
 float rounding per layer, and a downstream activation can move by one code where its
 value sits on a rounding boundary.
 
+Where XLA has no int8 kernel, the same integer sums can run on the float32 one:
+`integer_apply(..., accumulate=...)` sums a convolution's int8 x int8 products in float32
+where that is exact (every sum of at most `FLOAT_EXACT_TERMS` products of int8 codes is an
+integer below 2**24), so the outputs stay bit-identical. "auto" does so on the CPU for
+convolutions with fewer than `CPU_INT8_CONV_MIN_CHANNELS` input channels, which XLA:CPU
+runs on converted s32 operands at a fifth of float32's speed (benchmarks/int8_ops.py).
+
 Only the symmetric uniform weight grid (the layers' own, `WeightQuantizer("symmetric",
 ...)`) has integer codes with a zero point of zero; other schemes, and layers at 9+ or
 float bits, stay in float (`integerize` records which layers run integer).
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from jax import lax
@@ -43,6 +52,14 @@ from jaxcompress.quant.quantizers import WeightQuantizer, half_range, uniform_en
 INTEGER = "integer"
 MAX_BITS = 8
 ZERO_POINT = 128  # unsigned activation codes 0..255 shifted into int8
+ACCUMULATE = ("int32", "float32", "auto")
+# |a * w| <= 128 * 127 per product of int8 codes; a sum of K of them is an integer float32 holds
+# exactly (< 2**24) while K <= FLOAT_EXACT_TERMS
+FLOAT_EXACT_TERMS = 2 ** 24 // (128 * 127)
+# XLA:CPU (jaxlib 0.10) runs an int8 x int8 -> int32 convolution with fewer input channels than
+# this on converted s32 operands, with no int8 kernel: 0.15-0.22x float32's speed (measured,
+# benchmarks/int8_ops.py); with this many or more it has one (1.4-1.6x float32's)
+CPU_INT8_CONV_MIN_CHANNELS = 32
 
 
 def integer_layers(table: ModelTable, quant: Mapping) -> list[tuple]:
@@ -93,8 +110,9 @@ class _IntegerLax:
     codes: the float operands Flax hands over are the activation codes (the layer passes
     them in) and the fake-quantized kernel (ignored: the int8 codes replace it)."""
 
-    def __init__(self, codes_w, step, zero_point: int):
+    def __init__(self, codes_w, step, zero_point: int, float_accumulate: bool = False):
         self.codes_w, self.step, self.zero_point = codes_w, step, zero_point
+        self.float_accumulate = float_accumulate  # the products summed in float32: exact (`accumulates_in_float`)
 
     def __getattr__(self, name):
         return getattr(lax, name)
@@ -112,7 +130,11 @@ class _IntegerLax:
 
     def conv_general_dilated(self, lhs, rhs, *args, **kwargs):
         kwargs.pop("precision", None)
+
         def conv(x):
+            if self.float_accumulate:  # the same integer sums, computed by the float32 kernel
+                return lax.conv_general_dilated(x.astype(jnp.float32), self.codes_w.astype(jnp.float32), *args,
+                                                precision=lax.Precision.HIGHEST, **kwargs).astype(jnp.int32)
             return lax.conv_general_dilated(x, self.codes_w, *args, preferred_element_type=jnp.int32, **kwargs)
         acc = conv(self._lhs(lhs))
         correction = conv(jnp.ones_like(lhs[:1], jnp.int8)) if self.zero_point else None
@@ -127,7 +149,21 @@ class _IntegerLax:
 _FLAX_CALLS = {M.Conv: nn.Conv, M.Dense: nn.Dense}
 
 
-def _integer_call(module, inputs):
+def accumulates_in_float(kernel_shape, accumulate: str, backend: str) -> bool:
+    """Whether a convolution's int8 products (kernel `kernel_shape`, HWIO) are summed by
+    the float32 kernel, exactly (at most `FLOAT_EXACT_TERMS` terms per output), instead of
+    an int8 -> int32 one: never for "int32"; wherever exact for "float32"; for "auto",
+    where exact and the input has fewer than `CPU_INT8_CONV_MIN_CHANNELS` channels on the
+    CPU (no int8 kernel there). Dense layers always sum in int32 (XLA:CPU has int8 dots)."""
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"integer accumulate={accumulate!r}; choose one of {', '.join(ACCUMULATE)}")
+    exact = math.prod(kernel_shape[:-1]) <= FLOAT_EXACT_TERMS
+    if accumulate == "auto":
+        return exact and backend == "cpu" and kernel_shape[-2] < CPU_INT8_CONV_MIN_CHANNELS
+    return exact and accumulate == "float32"
+
+
+def _integer_call(module, inputs, accumulate: str = "int32"):
     """`module(inputs)` (a `Conv` or `Dense` with an `integer` entry) in integers."""
     flax_cls = _FLAX_CALLS[type(module)]
     spatial = 0 if flax_cls is nn.Dense else (1 if isinstance(module.kernel_size, int) else len(module.kernel_size))
@@ -135,28 +171,36 @@ def _integer_call(module, inputs):
     codes, step_a = F.activation_codes(inputs, module.get_variable("quant", "bits_a"),
                                        module._collection_value("quant", "range_a"), module.signed_input,
                                        batch_dims=batch_dims)
-    step_w = module.get_variable(INTEGER, "step_w")
-    ops = _IntegerLax(module.get_variable(INTEGER, "kernel"), step_a * step_w,
-                      0 if module.signed_input else ZERO_POINT)
+    step_w, codes_w = module.get_variable(INTEGER, "step_w"), module.get_variable(INTEGER, "kernel")
+    in_float = flax_cls is nn.Conv and accumulates_in_float(codes_w.shape, accumulate, jax.default_backend())
+    ops = _IntegerLax(codes_w, step_a * step_w, 0 if module.signed_input else ZERO_POINT, in_float)
     y = M._flax_call_with(flax_cls, lax=ops)(module, codes)
     return F.apply_channel_mask(y, module._channel_mask(module.features))
 
 
-def _interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name == "__call__" and type(module) in _FLAX_CALLS
-            and module.has_variable(INTEGER, "kernel")):
-        return _integer_call(module, *args, **kwargs)
-    return next_fun(*args, **kwargs)
+def _interceptor(accumulate: str):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name == "__call__" and type(module) in _FLAX_CALLS
+                and module.has_variable(INTEGER, "kernel")):
+            return _integer_call(module, *args, **kwargs, accumulate=accumulate)
+        return next_fun(*args, **kwargs)
+
+    return intercept
 
 
-def integer_apply(model: nn.Module, quantizer: WeightQuantizer = WeightQuantizer()):
+def integer_apply(model: nn.Module, quantizer: WeightQuantizer = WeightQuantizer(), accumulate: str = "int32"):
     """`apply(variables, x, **kw)`: `make_quantized_apply(model, quantizer)` with the layers
-    of `variables[INTEGER]` (`integerize`) executed in int8 x int8 -> int32."""
+    of `variables[INTEGER]` (`integerize`) executed on their integer codes: int8 x int8
+    products summed in int32, or, for the convolutions `accumulates_in_float` picks by
+    `accumulate` ("int32" | "float32" | "auto"), the same sums by the float32 kernel
+    (exact, so the outputs are bit-identical)."""
     float_apply = make_quantized_apply(model, quantizer)
+    intercept = _interceptor(accumulate)
+    accumulates_in_float((1, 1), accumulate, "cpu")  # an unknown mode fails here, before tracing
 
     def apply(variables, *args, **kwargs):
-        with nn.intercept_methods(_interceptor):
+        with nn.intercept_methods(intercept):
             return float_apply(variables, *args, **kwargs)
 
     return apply

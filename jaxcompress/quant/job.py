@@ -378,24 +378,28 @@ def integer_check(exp: Experiment, state: TrainState, quantizer: WeightQuantizer
     if not layers:
         return no_integer_check()
     codes = integerize(exp.table, variables, quantizer)[INTEGER]
-    int_apply = integer_apply(exp.model, quantizer)
 
-    def apply(v, *args, **kwargs):
-        return int_apply({**v, INTEGER: codes}, *args, **kwargs)
+    def integer(accumulate):
+        int_apply = integer_apply(exp.model, quantizer, accumulate)
+        return lambda v, *args, **kwargs: int_apply({**v, INTEGER: codes}, *args, **kwargs)
 
-    latency = apply_latencies({"fake_quant": (state.apply_fn, variables), "integer": (apply, variables)},
-                              exp.input_shape, latency_batch)
+    # int32 sums everywhere, and "auto": small convolutions' exact sums on the float32 kernel
+    apply, apply_auto = integer("int32"), integer("auto")
+    latency = apply_latencies({"fake_quant": (state.apply_fn, variables), "integer": (apply, variables),
+                               "integer_auto": (apply_auto, variables)}, exp.input_shape, latency_batch)
     stablehlo = (verify_stablehlo(stablehlo_path, functools.partial(apply, train=False), variables, exp, verify_batch)
                  if stablehlo_path else None)
     return dict(integer_layers=["/".join(p) for p in layers],
                 accuracy_integer=evaluate(state.replace(apply_fn=apply), exp.test)["accuracy"],
+                accuracy_integer_auto=evaluate(state.replace(apply_fn=apply_auto), exp.test)["accuracy"],
                 latency_integer_s=latency, integer_stablehlo=stablehlo)
 
 
 def no_integer_check() -> dict:
     """`integer_check`'s summary fields when no layer runs in integers (none can, or
     `quant.integer_check` is False)."""
-    return dict(integer_layers=[], accuracy_integer=None, latency_integer_s={}, integer_stablehlo=None)
+    return dict(integer_layers=[], accuracy_integer=None, accuracy_integer_auto=None, latency_integer_s={},
+                integer_stablehlo=None)
 
 
 # ------------------------------------------------------------------------------------------------
