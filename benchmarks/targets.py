@@ -141,15 +141,19 @@ def int8_ops(s: Mapping) -> tuple[list, str]:
     rows = s["rows"]
     table = "\n".join(["| op (batch " f"{s['batch_size']}) | float32 | int8 -> int32 | int8 speed / float32 | "
                         "XLA runs it on | exact |", "|---|---|---|---|---|---|"]
-                       + [f"| {r['op']} | {r['float32_ms']:.2f} ms | {r['int8_ms']:.2f} ms | "
+                       + [f"| {r['op']} |  | {r['error']} |  |  |  |" if "error" in r else
+                          f"| {r['op']} | {r['float32_ms']:.2f} ms | {r['int8_ms']:.2f} ms | "
                           f"{r['int8_vs_float32']:.2f}x | {' x '.join(r['operand_types'])} -> {r['result_type']} | "
                           f"{r['int8_equals_float']} |"
                           for r in rows])
-    slower = [r["op"] for r in rows if r["int8_vs_float32"] < 1.0]
-    converted = [r["op"] for r in rows if "s8" not in r["operand_types"]]
-    return [_t("int8 ops slower than float32", "measured (no target set)", f"{len(slower)} of {len(rows)}", None),
+    timed = [r for r in rows if "error" not in r]
+    slower = [r["op"] for r in timed if r["int8_vs_float32"] < 1.0]
+    converted = [r["op"] for r in timed if "s8" not in r["operand_types"]]
+    failed = [r["op"] for r in rows if "error" in r]
+    return [_t("int8 ops slower than float32", "measured (no target set)", f"{len(slower)} of {len(timed)}", None),
             _t("int8 ops XLA runs on s32 (converted) operands", "measured (no target set)",
-               f"{len(converted)} of {len(rows)}: {', '.join(converted) or 'none'}", None)], table
+               f"{len(converted)} of {len(timed)}: {', '.join(converted) or 'none'}", None),
+            _t("integer ops XLA cannot compile", "measured (no target set)", ", ".join(failed) or "none", None)], table
 
 
 def lm_prune(s: Mapping) -> tuple[list, str]:

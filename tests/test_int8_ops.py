@@ -15,8 +15,8 @@ ROOT %convolution = s32[8,14,14,16]{3,2,1,0} convolution(%wrapped_convert, %wrap
 
 
 def test_op_specs_and_hlo_facts():
-    assert B.parse_shape("conv:14x14x6:5x5:16") == dict(kind="conv", hw=(14, 14), cin=6, k=5, cout=16)
-    assert B.parse_shape("dot:400:120") == dict(kind="dot", k=400, n=120)
+    assert B.parse_shape("conv:14x14x6:5x5:16") == dict(kind="conv", int4=False, hw=(14, 14), cin=6, k=5, cout=16)
+    assert B.parse_shape("dot4:400:120") == dict(kind="dot", int4=True, k=400, n=120)
     with pytest.raises(ValueError):
         B.parse_shape("pool:2")
     assert B.hlo_facts(HLO) == dict(op="convolution", result_type="s32", operand_types=["s32", "s32"])
@@ -26,16 +26,21 @@ def test_op_specs_and_hlo_facts():
 
 
 def test_a_tiny_run_is_exact_and_judged(tmp_path):
-    c = ConfigDict(dict(job="bench_int8_ops", bench=dict(ops=("conv:6x6x3:3x3:4", "dot:16:8"), batch_size=4,
-                                                          rounds=1, calls=1)))
+    c = ConfigDict(dict(job="bench_int8_ops", bench=dict(ops=("conv:6x6x3:3x3:4", "dot:16:8", "dot4:16:8"),
+                                                          batch_size=4, rounds=1, calls=1)))
     s = B.run(c, str(tmp_path))
-    assert [r["op"] for r in s["rows"]] == ["conv:6x6x3:3x3:4", "dot:16:8"]
+    assert [r["op"] for r in s["rows"]] == ["conv:6x6x3:3x3:4", "dot:16:8", "dot4:16:8"]
+    assert "s4" in s["rows"][2]["operand_types"] or "s32" in s["rows"][2]["operand_types"]
     for r in s["rows"]:
         assert r["int8_equals_float"] and r["result_type"] == "s32" and r["float32_ms"] > 0 and r["int8_ms"] > 0
         assert r["int8_vs_float32"] == pytest.approx(r["float32_ms"] / r["int8_ms"])
     targets, table = T.judge("int8_ops", s)
     assert [t["what"] for t in targets] == ["int8 ops slower than float32",
-                                            "int8 ops XLA runs on s32 (converted) operands"]
+                                            "int8 ops XLA runs on s32 (converted) operands",
+                                            "integer ops XLA cannot compile"]
     slower = sum(r["int8_vs_float32"] < 1 for r in s["rows"])
-    assert targets[0]["measured"] == f"{slower} of 2" and table.count("\n") == 3
+    assert targets[0]["measured"] == f"{slower} of 3" and table.count("\n") == 4
+    failed = dict(s, rows=s["rows"] + [dict(op="conv4:6x6x4:3x3:4", error="JaxRuntimeError: INVALID_ARGUMENT")])
+    targets, table = T.judge("int8_ops", failed)
+    assert targets[2]["measured"] == "conv4:6x6x4:3x3:4" and "| conv4:6x6x4:3x3:4 |  | JaxRuntimeError" in table
     assert np.isfinite([r["int8_ms"] for r in s["rows"]]).all()
