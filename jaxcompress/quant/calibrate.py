@@ -36,7 +36,7 @@ from flax import traverse_util
 from jaxcompress.errors import ConfigError
 from jaxcompress.layers import Conv, Dense, DenseGeneral, fake_quant_symmetric, fake_quant_unsigned
 from jaxcompress.quant.quantizers import FLOAT_BITS
-from jaxcompress.train.steps import batch_sharded, replicated
+from jaxcompress.train.steps import replicated, split_rows
 
 CALIBRATIONS = ("minmax", "percentile", "mse")
 
@@ -49,14 +49,6 @@ def check_calibration(method: str, batches, percentile: float = 99.99) -> None:
     if batches is not None and len(batches) == 0:
         raise ConfigError("calibration data is empty: give at least one non-empty batch "
                           "(quant.calib_batches > 0, quant.calib_batch_size > 0, a non-empty training split)")
-
-
-def split_rows(tree, mesh):
-    """Host arrays (the same on every process) split by rows over `mesh`'s 'data' axis,
-    each process putting only its own devices' rows (`jax.device_put` of a host array onto
-    a multi-host sharding would first check across hosts that the values agree)."""
-    sharding = batch_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i, x=x: x[i]), tree)
 
 
 def record_layer_inputs(apply_fn, variables, x) -> dict[str, tuple[jax.Array, bool]]:

@@ -51,7 +51,7 @@ from jaxcompress.latency import measured_latency
 from jaxcompress.models import ModelTable, create_model, describe
 from jaxcompress.pruning.job import prune_and_finetune
 from jaxcompress.quant import budget as B
-from jaxcompress.quant.calibrate import calibrate_ranges, split_rows
+from jaxcompress.quant.calibrate import calibrate_ranges
 from jaxcompress.quant.export import compare_outputs, export_packed, fold_batchnorm, load_packed, norm_epsilons
 from jaxcompress.quant.integer import INTEGER, integer_apply, integer_layers, integerize
 from jaxcompress.quant.policy import make_quant, resolve_bits, write_policy
@@ -230,7 +230,7 @@ def layer_sensitivity(exp, state, quantizer: WeightQuantizer, bits_a, candidates
         x, y, weight = jnp.asarray(x), jnp.asarray(y), jnp.asarray(weight)
     else:
         variables = jax.device_put(variables, S.replicated(mesh))
-        x, y, weight = split_rows((x, y, weight), mesh)
+        x, y, weight = S.split_rows((x, y, weight), mesh)
     loss_fn = _sensitivity_loss(apply_fn, mesh)
     loss = lambda quant: loss_fn(variables, quant, x, y, weight)
 

@@ -39,7 +39,7 @@ from flax import struct
 from jaxcompress.errors import ConfigError, NonFiniteError
 from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.metrics import MetricWriter
-from jaxcompress.train.steps import all_finite, replicated, replicated_copy
+from jaxcompress.train.steps import all_finite, replicated, replicated_copy, split_rows
 
 REWARDS = ("acc", "flops", "log_flops")
 COST_NORMS = ("bounds", "observed")
@@ -294,8 +294,7 @@ def place_on_mesh(data: dict, mesh: jax.sharding.Mesh | None) -> dict:
             raise ConfigError(f"the search's evaluation {key} has {x.shape[axis]} examples, not a multiple of the "
                               f"{mesh.size} devices; set search.eval_size / search.rerank_size / "
                               f"search.candidate_finetune_batch to multiples of {mesh.size}")
-        spec = jax.sharding.PartitionSpec(*([None] * axis + ["data"]))
-        out[key] = jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, spec), lambda i, x=x: x[i])
+        out[key] = split_rows(x, mesh, axis)
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -36,6 +37,15 @@ def replicated(mesh) -> NamedSharding:
 
 def batch_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
+
+
+def split_rows(tree, mesh, axis: int = 0):
+    """Host arrays (the same on every process) split along `axis` over `mesh`'s 'data'
+    axis, each process putting only its own devices' rows (`jax.device_put` of a host
+    array onto a multi-host sharding would first check across hosts that they agree)."""
+    sharding = NamedSharding(mesh, P(*([None] * axis + ["data"])))
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i, x=x: np.asarray(x)[i]),
+                        tree)
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxcompress.layers import Conv, Dense
 from jaxcompress.models.table import ModelTable
-from jaxcompress.train.steps import batch_sharded, replicated
+from jaxcompress.train.steps import batch_sharded, replicated, split_rows
 
 _BUCKET = 32
 
@@ -123,13 +123,6 @@ def _make_sampler(table: ModelTable, mesh=None):
     return jax.jit(sample, static_argnames=("paths",), out_shardings=batch_sharded(mesh))
 
 
-def _split_rows(tree, mesh):
-    """Host arrays (the same on every process) split by rows over `mesh`'s 'data' axis,
-    each process putting only its own devices' rows."""
-    sharding = batch_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i]), tree)
-
-
 @functools.lru_cache(maxsize=8)
 def _concat_rows(mesh=None):
     """Jitted `concat(chunks, rows=...)`: the chunks stacked along rows, cut to `rows`
@@ -163,7 +156,7 @@ def _sample_inputs(sample, variables, images, positions, paths, batch_size, keep
         pos = {p: _np_pad(v[start:start + batch_size], 0, batch_size) for p, v in positions.items() if p in paths}
         valid = (np.arange(batch_size) < nb).astype(np.float32)
         if mesh is not None:
-            batch, pos, valid = _split_rows((batch, pos, valid), mesh)
+            batch, pos, valid = split_rows((batch, pos, valid), mesh)
         else:
             batch = jnp.asarray(batch)
         out = sample(variables, batch, pos, valid, paths=paths)
