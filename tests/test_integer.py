@@ -116,6 +116,7 @@ def test_which_convolutions_accumulate_in_float():
     assert [accumulates_in_float(small, m, "cpu") for m in ACCUMULATE] == [False, True, True]
     assert [accumulates_in_float(wide, m, "cpu") for m in ACCUMULATE] == [False, True, False]  # XLA:CPU has int8
     assert not accumulates_in_float(small, "auto", "gpu")
+    assert not accumulates_in_float((5, 5, 1, 6), "auto", "cpu")  # a grey image: XLA:CPU's s32 path is faster
     # 3x3x128 = 1152 terms: a float32 sum could round, so int32 even when float32 is asked for
     assert not accumulates_in_float((3, 3, 128, 8), "float32", "cpu")
     assert accumulates_in_float((1, 1032, 8), "float32", "cpu") and not accumulates_in_float((1, 1033, 8), "float32",
@@ -148,7 +149,7 @@ def test_lenet5_integer_network_agrees_with_fake_quant_and_leaves_float_layers_f
     iv = integerize(table, v)
     assert set(iv[INTEGER]) == {"conv1", "conv2", "fc1", "fc2"}
     got = jax.jit(functools.partial(integer_apply(model), train=False))(iv, x)
-    # conv1 (1 input channel) and conv2 (6) summed by the float32 kernel on the CPU: the same bits
+    # conv2 (6 input channels) summed by the float32 kernel on the CPU: the same bits
     auto = jax.jit(functools.partial(integer_apply(model, accumulate="auto"), train=False))(iv, x)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(got))
     want = jax.jit(functools.partial(make_quantized_apply(model), train=False))(v, x)

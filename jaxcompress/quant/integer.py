@@ -25,8 +25,9 @@ Where XLA has no int8 kernel, the same integer sums can run on the float32 one:
 `integer_apply(..., accumulate=...)` sums a convolution's int8 x int8 products in float32
 where that is exact (every sum of at most `FLOAT_EXACT_TERMS` products of int8 codes is an
 integer below 2**24), so the outputs stay bit-identical. "auto" does so on the CPU for
-convolutions with fewer than `CPU_INT8_CONV_MIN_CHANNELS` input channels, which XLA:CPU
-runs on converted s32 operands at a fifth of float32's speed (benchmarks/int8_ops.py).
+convolutions with 2 to `CPU_INT8_CONV_MIN_CHANNELS` - 1 input channels, which XLA:CPU
+runs on converted s32 operands at a fifth of float32's speed (benchmarks/int8_ops.py;
+with one input channel that s32 path is the faster one).
 
 Only the symmetric uniform weight grid (the layers' own, `WeightQuantizer("symmetric",
 ...)`) has integer codes with a zero point of zero; other schemes, and layers at 9+ or
@@ -57,8 +58,9 @@ ACCUMULATE = ("int32", "float32", "auto")
 # exactly (< 2**24) while K <= FLOAT_EXACT_TERMS
 FLOAT_EXACT_TERMS = 2 ** 24 // (128 * 127)
 # XLA:CPU (jaxlib 0.10) runs an int8 x int8 -> int32 convolution with fewer input channels than
-# this on converted s32 operands, with no int8 kernel: 0.15-0.22x float32's speed (measured,
-# benchmarks/int8_ops.py); with this many or more it has one (1.4-1.6x float32's)
+# this on converted s32 operands, with no int8 kernel: 0.13-0.24x float32's speed with 6-16
+# input channels (measured, benchmarks/int8_ops.py); with this many or more it has one (1.4-1.6x
+# float32's). With one input channel (a grey image) the s32 path is the faster (1.8x float32's).
 CPU_INT8_CONV_MIN_CHANNELS = 32
 
 
@@ -153,13 +155,13 @@ def accumulates_in_float(kernel_shape, accumulate: str, backend: str) -> bool:
     """Whether a convolution's int8 products (kernel `kernel_shape`, HWIO) are summed by
     the float32 kernel, exactly (at most `FLOAT_EXACT_TERMS` terms per output), instead of
     an int8 -> int32 one: never for "int32"; wherever exact for "float32"; for "auto",
-    where exact and the input has fewer than `CPU_INT8_CONV_MIN_CHANNELS` channels on the
+    where exact and the input has 2 to `CPU_INT8_CONV_MIN_CHANNELS` - 1 channels on the
     CPU (no int8 kernel there). Dense layers always sum in int32 (XLA:CPU has int8 dots)."""
     if accumulate not in ACCUMULATE:
         raise ValueError(f"integer accumulate={accumulate!r}; choose one of {', '.join(ACCUMULATE)}")
     exact = math.prod(kernel_shape[:-1]) <= FLOAT_EXACT_TERMS
     if accumulate == "auto":
-        return exact and backend == "cpu" and kernel_shape[-2] < CPU_INT8_CONV_MIN_CHANNELS
+        return exact and backend == "cpu" and 1 < kernel_shape[-2] < CPU_INT8_CONV_MIN_CHANNELS
     return exact and accumulate == "float32"
 
 
