@@ -85,7 +85,8 @@ SCHEMA = Section(
         # > 0: stratified subsets of this many train / test examples (short budgets)
         train_size=Int(0, lo=0, note="0: every example"), test_size=Int(0, lo=0, note="0: every example"),
         # tfds datasets: read each image when a batch needs it, not the whole split at start (each process of a
-        # many-host run then reads only its rows; splits larger than memory work); digits / npz ignore it
+        # many-host run then reads only its rows; splits larger than memory work; mean / std from 10,000
+        # evenly spaced training images); digits / npz ignore it
         lazy=Bool(False)),
 
     # batch_size / eval_batch_size are global: over all devices and processes together (each of N processes

@@ -11,6 +11,7 @@ leaves half a file).
 from __future__ import annotations
 
 import os
+import uuid
 
 from etils import epath
 
@@ -32,7 +33,7 @@ def write_atomic(path, data: bytes | str) -> None:
     it; a local file is on disk (fsync) before the move."""
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f"{p.name}.tmp"
+    tmp = p.parent / f"{p.name}.{uuid.uuid4().hex[:12]}.tmp"  # unique: processes sharing a workdir never collide
     data = data.encode() if isinstance(data, str) else data
     if is_remote(path):
         tmp.write_bytes(data)

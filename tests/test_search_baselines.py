@@ -216,3 +216,17 @@ def test_the_jobs_selection_fine_tunes_with_the_searchs_evaluator(setup):
     assert out["finetuned"] == expected["finetuned"] and len(out["finetuned"]) == 2
     assert out["chosen"] == expected["chosen"] and out["best"] == expected["best"]
     assert all("reward_ft" in out["candidates"][i] for i in out["finetuned"])
+
+
+def test_the_search_samples_must_divide_over_the_devices_before_any_work():
+    from jaxcompress.train.experiment import check_batches
+    c = get_config()
+    c.job, c.train.batch_size, c.train.eval_batch_size = "search", 64, 200
+    c.search.eval_size, c.search.candidate_finetune_batch = 96, 60
+    with pytest.raises(ConfigError, match="search.candidate_finetune_batch=60: must be a positive multiple of the 8"):
+        check_batches(c, 8)  # the fine-tune selection splits its batches over the devices
+    c.search.select_finetune_top = 0
+    check_batches(c, 8)  # no per-candidate fine-tune at all: the batch is unused
+    c.search.eval_size = 100
+    with pytest.raises(ConfigError, match="search.eval_size=100"):
+        check_batches(c, 8)

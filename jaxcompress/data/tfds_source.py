@@ -8,6 +8,7 @@ prepared beforehand (``tfds build <name>`` on a machine with internet).
 from __future__ import annotations
 
 import numpy as np
+from absl import logging
 
 from jaxcompress.data import transforms
 from jaxcompress.data.lazy import LazyImages
@@ -79,9 +80,14 @@ def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = N
                             f"{builder.data_dir} ({_first_line(e)}); re-prepare it with "
                             f"file_format='array_record'.") from e
 
-    read = _lazy_split if lazy else _read_split
-    x_train, y_train = read(sources[splits[0]], image_size, f"tfds:{name}[{splits[0]}]")
-    x_test, y_test = read(sources[splits[1]], image_size, f"tfds:{name}[{splits[1]}]")
+    if lazy:  # the labels read with the image feature left undecoded (tfds.decode.SkipDecoding)
+        labels = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                          decoders={"image": tfds.decode.SkipDecoding()}) for split in splits}
+        read = lambda split, what: _lazy_split(sources[split], labels[split], image_size, what)  # noqa: E731
+    else:
+        read = lambda split, what: _read_split(sources[split], image_size, what)  # noqa: E731
+    x_train, y_train = read(splits[0], f"tfds:{name}[{splits[0]}]")
+    x_test, y_test = read(splits[1], f"tfds:{name}[{splits[1]}]")
     names = tuple(label.names) if label.names else None
     return Dataset(name=f"tfds:{name}", x_train=x_train, y_train=y_train,
                    x_test=x_test, y_test=y_test, num_classes=int(label.num_classes),
@@ -117,10 +123,15 @@ def _read_split(source, image_size: int | None, what: str) -> tuple[np.ndarray, 
     return images, labels
 
 
-def _lazy_split(source, image_size: int | None, what: str) -> tuple[LazyImages, np.ndarray]:
-    """Every label of a data source now (its images not decoded: `_labels`) and its
-    images as a `LazyImages` that decodes an example when it is indexed."""
-    labels = _labels(source)
+def _lazy_split(source, label_source, image_size: int | None, what: str) -> tuple[LazyImages, np.ndarray]:
+    """Every label now, from `label_source` (the split read with its images undecoded),
+    and the images of `source` as a `LazyImages` that decodes an example when indexed."""
+    try:
+        labels = np.asarray([int(example["label"]) for example in label_source], np.int32)
+    except Exception as e:  # noqa: BLE001 - a tfds build that cannot skip the image decode (e.g. without TF)
+        logging.warning("%s: tfds cannot read the labels without decoding the images (%s); decoding every "
+                        "image once to read them", what, _first_line(e))
+        labels = np.asarray([int(example["label"]) for example in source], np.int32)
     if not len(labels):
         raise DataError(f"{what} is empty.")
     shape = _decode(source[0], image_size, what, 0).shape
@@ -129,17 +140,3 @@ def _lazy_split(source, image_size: int | None, what: str) -> tuple[LazyImages, 
         return np.stack([_decode(source[int(i)], image_size, what, int(i), shape) for i in indices])
 
     return LazyImages(read, np.arange(len(labels)), shape), labels
-
-
-def _labels(source) -> np.ndarray:
-    """The labels of a `tfds.data_source`, read without decoding its images (the image
-    feature skipped, `tfds.decode.SkipDecoding`) when the source was made by name."""
-    import tensorflow_datasets as tfds
-
-    info = getattr(source, "dataset_info", None)
-    try:
-        skipping = tfds.data_source(info.full_name, split=source.split, data_dir=info.data_dir,
-                                    download=False, decoders={"image": tfds.decode.SkipDecoding()})
-    except Exception:  # a source not made by name (or mocked): read the examples whole
-        skipping = source
-    return np.asarray([int(example["label"]) for example in skipping], np.int32)

@@ -177,7 +177,8 @@ class PPO(ActorCritic):
             values = self.critic_net.apply(state.critic, batch["obs"], batch["action"])
         if self.config.baseline == "state":
             values = values - self.critic_net.apply(state.critic, batch["obs"], self.greedy(state.actor, batch["obs"]))
-        values = jax.lax.stop_gradient(values) - values.mean()
+        values = jax.lax.stop_gradient(values)
+        values = values - values.mean()
         return values / (values.std() + 1e-8) if self.config.normalize_advantages else values
 
     # -- update --------------------------------------------------------------------

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.rl.search import place_on_mesh
+from jaxcompress.train.steps import replicated
 
 
 def top_distinct(values, scores: Sequence[float], k: int) -> list[int]:
@@ -67,7 +68,7 @@ def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k
     idx = top_distinct(history["values"], history["reward"], top_k)
     values = np.asarray(history["values"], np.float32)[idx]
     cost_all = np.asarray(history["cost"], np.float64)
-    acc_b = np.asarray(jax.jit(evaluate)(jnp.asarray(values), place_on_mesh(data_b, mesh)), np.float64)
+    acc_b = np.asarray(_jit_replicated(evaluate, mesh)(jnp.asarray(values), place_on_mesh(data_b, mesh)), np.float64)
     cost = cost_all[idx]
     reward_b = np.asarray(reward_fn(jnp.asarray(acc_b, jnp.float32), jnp.asarray(cost, jnp.float32),
                                     jnp.float32(cost_all.min()), jnp.float32(cost_all.max())), np.float64)
@@ -84,6 +85,11 @@ def rerank(evaluate: Callable, reward_fn: Callable, history: dict, data_b, top_k
     chosen = choose([r["reward_a"] for r in rows], [r["reward_b"] for r in rows])
     return dict(top_k=top_k, size_b=int(np.shape(data_b["labels"])[0]), candidates=rows, chosen=chosen,
                 best=_best(rows[chosen]))
+
+
+def _jit_replicated(evaluate: Callable, mesh):
+    """`evaluate` jitted with its result replicated over `mesh` (readable on every host)."""
+    return jax.jit(evaluate) if mesh is None or mesh.size == 1 else jax.jit(evaluate, out_shardings=replicated(mesh))
 
 
 def _best(row: dict) -> dict:
@@ -110,7 +116,7 @@ def finetune_select(evaluate_ft: Callable, reward_fn: Callable, reranked: dict, 
     order = np.lexsort((np.arange(len(rows)), [-r["reward_a"] for r in rows], [-r["reward_b"] for r in rows]))
     picked = [int(i) for i in order[:top]]
     values = jnp.asarray([rows[i]["values"] for i in picked], jnp.float32)
-    acc = np.asarray(jax.jit(evaluate_ft)(values, place_on_mesh(data_b, mesh)), np.float64)
+    acc = np.asarray(_jit_replicated(evaluate_ft, mesh)(values, place_on_mesh(data_b, mesh)), np.float64)
     reward = np.asarray(reward_fn(jnp.asarray(acc, jnp.float32),
                                   jnp.asarray([rows[i]["cost"] for i in picked], jnp.float32),
                                   jnp.float32(cost_lo), jnp.float32(cost_hi)), np.float64)

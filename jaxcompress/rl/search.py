@@ -257,8 +257,8 @@ def _compiled_iteration(spec: IterationSpec, state, data, mesh=None):
 
 def on_one_device(tree):
     """`tree` with every array that spans several devices (e.g. a network `fit` left
-    replicated over the mesh) reduced to its copy on the default device: the search is one
-    program on one device, compiled for single-device arguments."""
+    replicated over the mesh) reduced to its copy on the default device: the search's
+    program without a mesh (`place_on_mesh`'s fallback), compiled for one device."""
     device = jax.devices()[0]
 
     def one(x):

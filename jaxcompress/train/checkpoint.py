@@ -64,9 +64,13 @@ def state_tree(state: TrainState) -> dict:
 
 def _step_files(step_dir: str) -> list[str]:
     """Every file under `step_dir` (relative, '/'-separated, sorted), the manifest excluded."""
-    root = epath.Path(step_dir)
-    rels = (str((epath.Path(d) / name).relative_to(root)) for d, _, names in root.walk() for name in names)
-    return sorted(r for r in rels if not r.startswith(MANIFEST))  # the manifest and its temporary file
+    def files_under(d: epath.Path, prefix: str):  # iterdir keeps a remote path's scheme (fsspec's walk does not)
+        for child in d.iterdir():
+            rel = f"{prefix}{child.name}"
+            yield from files_under(child, rel + "/") if child.is_dir() else (rel,)
+
+    # the manifest and its temporary files excluded
+    return sorted(r for r in files_under(epath.Path(step_dir), "") if not r.startswith(MANIFEST))
 
 
 def write_manifest(step_dir: str) -> None:

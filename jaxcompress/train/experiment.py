@@ -67,7 +67,8 @@ def check_batches(config, num_devices: int) -> None:
     if config.get("job") == "search":  # its candidates are evaluated with the images split over the devices
         s = config.search
         fields += ["search.eval_size"] + ["search.rerank_size"] * bool(s.rerank_top_k) \
-            + ["search.candidate_finetune_batch"] * bool(s.candidate_finetune_steps)
+            + ["search.candidate_finetune_batch"] * bool(s.candidate_finetune_steps
+                                                        or (s.rerank_top_k and s.select_finetune_top))
     for path in fields:
         size = schema.get(config, path)
         if size <= 0 or size % num_devices:
