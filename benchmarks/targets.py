@@ -148,7 +148,7 @@ def int8_ops(s: Mapping) -> tuple[list, str]:
                           for r in rows])
     timed = [r for r in rows if "error" not in r]
     slower = [r["op"] for r in timed if r["int8_vs_float32"] < 1.0]
-    converted = [r["op"] for r in timed if "s8" not in r["operand_types"]]
+    converted = [r["op"] for r in timed if r["hlo_op"] and "s8" not in r["operand_types"]]  # HLO read, no s8
     failed = [r["op"] for r in rows if "error" in r]
     return [_t("int8 ops slower than float32", "measured (no target set)", f"{len(slower)} of {len(timed)}", None),
             _t("int8 ops XLA runs on s32 (converted) operands", "measured (no target set)",

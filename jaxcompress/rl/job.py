@@ -264,7 +264,7 @@ def search(config, workdir: str) -> dict:
     scoring = stage1_scoring(s, env, exp, state.variables())
     res1 = search_pruning(s, env, exp, state.variables(), config.seed, workdir, scoring)
     evaluate_ft = (stage1_scoring(s, env, exp, state.variables(), s.select_finetune_steps)[0]
-                   if s.select_finetune_top else None)
+                   if s.rerank_top_k and s.select_finetune_top else None)  # it fine-tunes re-ranked candidates
     reranked = rerank_stage1(s, exp, state.variables(), res1, scoring, config.seed, evaluate_ft)
     best1 = reranked["best"] if reranked else res1.best  # the policy applied
 

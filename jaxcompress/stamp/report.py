@@ -1,7 +1,6 @@
 """The STAMP report plot: accuracy against target-side wall time, per method."""
 from __future__ import annotations
 
-
 import matplotlib
 
 matplotlib.use("Agg")
